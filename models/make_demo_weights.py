@@ -152,7 +152,8 @@ def train(did: int, epochs: int) -> Path:
     pre = Path(nnUNet_preprocessed) / f"Dataset{did:03d}_{name}"
     plans = shrink_plans(pre / "nnUNetPlans.json")
     preprocess([did], configurations=("3d_fullres",), num_processes=(2,))
-    cases = sorted(p.name[: -len(".nii.gz")] for p in (Path(os.environ["nnUNet_raw"]) / pre.name / "labelsTr").iterdir())
+    labels_tr = Path(os.environ["nnUNet_raw"]) / pre.name / "labelsTr"
+    cases = sorted(p.name[: -len(".nii.gz")] for p in labels_tr.iterdir())
     # fold 0: everything but N_VAL cases (one of each generator) trains; test phantoms are separate
     val = [c for c in cases if c.endswith("000") or c.endswith("001")][:N_VAL]
     (pre / "splits_final.json").write_text(json.dumps([{"train": [c for c in cases if c not in val], "val": val}]))

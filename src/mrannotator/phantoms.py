@@ -212,11 +212,12 @@ def _shoulder(s: _Scene):
     for side, sx in (("right", 1.0), ("left", -1.0)):
         hx = sx * (160 + j(3))
         s.paint(capsule(p, (hx, 0, -150), (hx, 0, 10), 38), "muscle")  # arm / deltoid
-        s.bone(lambda m, hx=hx: ellipsoid(p, (hx, 5, dz), (24 + m, 24 + m, 26 + m))
+        s.bone(lambda m, hx=hx, sx=sx: ellipsoid(p, (hx, 5, dz), (24 + m, 24 + m, 26 + m))
                | capsule(p, (hx, 5, dz), (hx + sx * 4, 5, -150), 12 + m), f"humerus_{side}")
         s.bone(lambda m, sx=sx: capsule(p, (sx * 25, 35, 55 + dz), (sx * 135, 15, 45 + dz), 8 + m),
                f"clavicle_{side}")
-        s.bone(lambda m, sx=sx, hx=hx: ellipsoid(p, (sx * 100, -50, -15 + dz), (42 + m, 7 + m, 62 + m), _rot("z", sx * 25))
+        s.bone(lambda m, sx=sx, hx=hx: ellipsoid(p, (sx * 100, -50, -15 + dz), (42 + m, 7 + m, 62 + m),
+                                                 _rot("z", sx * 25))
                | ellipsoid(p, (hx - sx * 34, -5, dz), (9 + m, 16 + m, 18 + m))
                | capsule(p, (sx * 105, -42, 45 + dz), (hx - sx * 12, 0, 40 + dz), 6 + m), f"scapula_{side}")
     s.bone(lambda m: capsule(p, (0, -55, -200), (0, -55, 200), 16 + m), None)  # spine, midline
@@ -296,7 +297,9 @@ def make_phantom(region: str, seed: int = 0, orientation: str = "LAS", oblique_d
     try:
         gen = GENERATOR_OF_REGION[region]
     except KeyError:
-        raise ValueError(f"no phantom generator for region {region!r}; choose from {sorted(GENERATOR_OF_REGION)}")
+        raise ValueError(
+            f"no phantom generator for region {region!r}; choose from {sorted(GENERATOR_OF_REGION)}"
+        ) from None
     if orientation not in ORIENTATIONS:
         raise ValueError(f"unknown orientation {orientation!r}; choose from {sorted(ORIENTATIONS)}")
     fov, spacing, centre, paint = REGION_GRIDS[gen]

@@ -1,0 +1,296 @@
+"""The segmentation engine: nnU-Net v2 region models, loaded once, merged into one catalogue label space.
+
+    from mrannotator import Segmenter
+    seg = Segmenter()                      # installed official weights, else the demo weights
+    result = seg.segment("mr.nii.gz")      # or a DICOM folder, a nibabel or a SimpleITK image
+    result.labels                          # uint8 catalogue ids, on the input's exact grid
+    result.summary()                       # structures found, voxel counts, volumes, weights used
+
+Data flow: image + geometry -> lossless reorientation to the model's orientation (LAS for the
+MRAnnotator release) -> ``nnUNetPredictor`` on arrays, in-process -> labels mapped to catalogue ids
+-> merged over models -> restored to the input orientation. Intensities are handed to nnU-Net as
+read (never rescaled or cast to a narrower type; nnU-Net itself computes in float32, as stock).
+
+Overlap rule: where two region models both label a voxel as foreground, the voxel takes the label of
+the model whose softmax probability for its own class is higher there; on an exact tie the model
+with the lower dataset id wins. Voxels claimed by one model only keep that model's label.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+
+from .catalogue import FIRST_UNCATALOGUED_ID, LabelCatalogue, Structure, load_catalogue
+from .errors import InputError, WeightsError
+from .imageio import load_image
+from .orientation import reorient_to, voxel_spacing
+from .weights import ModelFolder, Weights, load_weights
+
+# Region names a user may give, beyond the catalogue's own regions.
+REGION_ALIASES = {
+    "spine": ("cervical_spine", "thoracic_spine", "lumbar_spine"),
+    "cervical": ("cervical_spine",),
+    "thoracic": ("thoracic_spine",),
+    "lumbar": ("lumbar_spine",),
+}
+
+
+def expand_regions(regions: Iterable[str] | None) -> set[str] | None:
+    if regions is None:
+        return None
+    from .catalogue import REGIONS
+
+    out: set[str] = set()
+    for r in regions:
+        r = r.strip().lower()
+        if r in ("all", ""):
+            return None
+        if r in REGION_ALIASES:
+            out.update(REGION_ALIASES[r])
+        elif r in REGIONS:
+            out.add(r)
+        else:
+            raise InputError(f"unknown region {r!r}; choose from {', '.join([*REGIONS, *REGION_ALIASES])}")
+    return out
+
+
+def pick_device(device: str = "auto"):
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device 'cuda' asked for, but no CUDA GPU is available here (use --device cpu)")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise InputError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+@dataclass
+class RegionModel:
+    """One loaded nnU-Net model and the catalogue entry of each of its labels."""
+
+    folder: ModelFolder
+    predictor: object  # nnUNetPredictor
+    structures: dict[int, Structure]  # model label value -> catalogue structure
+
+    @property
+    def dataset(self) -> str:
+        return self.folder.dataset
+
+    def lut(self) -> np.ndarray:
+        lut = np.zeros(max(self.structures) + 1 if self.structures else 1, np.uint8)
+        for v, s in self.structures.items():
+            lut[v] = s.id
+        return lut
+
+
+@dataclass
+class Segmentation:
+    labels: nib.Nifti1Image  # uint8 catalogue ids on the input grid
+    structures: list[Structure]  # catalogue entries of the labels present
+    weights: dict
+    models_run: list[str]
+    mode: str = "exact"
+    probabilities: dict[int, np.ndarray] | None = None  # catalogue id -> float32 map on the input grid
+    overlaps: int = 0  # voxels claimed by more than one model
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """Structures found (id, name, voxel count, volume in ml) and the weights that made them."""
+        data = np.asanyarray(self.labels.dataobj)
+        counts = np.bincount(data.ravel(), minlength=256)
+        voxel_ml = float(abs(np.linalg.det(self.labels.affine[:3, :3]))) / 1000.0
+        rows = []
+        for s in self.structures:
+            n = int(counts[s.id])
+            rows.append({**s.as_dict(), "voxels": n, "volume_ml": round(n * voxel_ml, 3)})
+        return {
+            "structures": rows,
+            "weights": self.weights,
+            "models_run": self.models_run,
+            "mode": self.mode,
+            "overlap_voxels": self.overlaps,
+            "shape": list(data.shape),
+            "seconds": round(self.seconds, 2),
+        }
+
+
+class Segmenter:
+    """Loads region models once and segments any number of images with them."""
+
+    def __init__(
+        self,
+        weights: Weights | str | os.PathLike | None = None,
+        device: str = "auto",
+        threads: int | None = None,
+        tile_step_size: float = 0.5,
+        regions: Iterable[str] | None = None,
+        catalogue: LabelCatalogue | None = None,
+    ):
+        import torch
+
+        self.catalogue = catalogue or load_catalogue()
+        self.weights = weights if isinstance(weights, Weights) else load_weights(weights)
+        self.device = pick_device(device)
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.tile_step_size = float(tile_step_size)
+        wanted = expand_regions(regions)
+        self.models: list[RegionModel] = []
+        next_id = FIRST_UNCATALOGUED_ID
+        for mf in self.weights.models:
+            if wanted is not None and not (set(mf.regions()) & wanted):
+                continue
+            structures = {}
+            for name, value in sorted(mf.labels.items(), key=lambda kv: kv[1]):
+                s = self.catalogue.find(name)
+                if s is None:
+                    s = self.catalogue.uncatalogued(name, next_id, region=(mf.regions() or ["unknown"])[0])
+                    next_id += 1
+                structures[value] = s
+            self.models.append(RegionModel(mf, self._load_predictor(mf), structures))
+        if not self.models:
+            raise WeightsError(f"no model in {self.weights.root} covers the regions {sorted(wanted or [])}")
+
+    def _load_predictor(self, mf: ModelFolder):
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a CPU notice on construction
+            pred = nnUNetPredictor(
+                tile_step_size=self.tile_step_size,
+                use_gaussian=True,
+                use_mirroring=True,  # as stock; the NoMirroring checkpoints allow no mirror axes anyway
+                perform_everything_on_device=self.device.type == "cuda",
+                device=self.device,
+                verbose=False,
+                allow_tqdm=False,
+            )
+        try:
+            pred.initialize_from_trained_model_folder(str(mf.path), use_folds=(0,), checkpoint_name=mf.checkpoint.name)
+        except (RuntimeError, KeyError, EOFError, OSError, torch.serialization.pickle.UnpicklingError) as e:
+            raise WeightsError(f"{mf.dataset}: cannot load {mf.checkpoint}: {type(e).__name__}: {e}") from e
+        return pred
+
+    # ---------------------------------------------------------------- public API
+    @property
+    def structures(self) -> list[Structure]:
+        """Every structure the loaded models can label, in catalogue id order."""
+        return sorted({s.id: s for m in self.models for s in m.structures.values()}.values(), key=lambda s: s.id)
+
+    def segment(
+        self,
+        image,
+        regions: Iterable[str] | None = None,
+        structures: Iterable[str] | None = None,
+        probabilities: bool = False,
+        progress: Callable[[str], None] | None = None,
+    ) -> Segmentation:
+        t0 = time.perf_counter()
+        say = progress or (lambda msg: None)
+        img = load_image(image)
+        models = self._select(regions, structures)
+        keep = self._structure_filter(structures)
+
+        data = np.asanyarray(img.dataobj)
+        merged = None
+        best = None
+        overlaps = 0
+        probs_out: dict[int, np.ndarray] | None = {} if probabilities else None
+        need_probs = probabilities or len(models) > 1
+        for m in models:
+            say(f"{m.dataset}: predicting ({len(m.structures)} structures)")
+            arr, aff, reo = reorient_to(data, img.affine, tuple(m.folder.orientation))
+            seg, probs = self._predict(m, arr, aff, need_probs)
+            # back to the input grid (exact permutation/flip), then catalogue ids
+            seg = reo.restore(seg)
+            ids = m.lut()[seg]
+            if keep is not None:
+                ids[~np.isin(ids, list(keep))] = 0
+            conf = None
+            if probs is not None:
+                probs = np.stack([reo.restore(p) for p in probs])
+                conf = np.take_along_axis(probs, seg[None].astype(np.intp), 0)[0]
+                if probs_out is not None:
+                    for v, s in m.structures.items():
+                        if keep is None or s.id in keep:
+                            probs_out[s.id] = probs[v]
+            if merged is None:
+                merged, best = ids, conf
+                continue
+            fg = ids > 0
+            both = fg & (merged > 0)
+            overlaps += int(both.sum())
+            take = fg & ((merged == 0) | (conf > best))
+            merged[take] = ids[take]
+            best[take] = conf[take]
+        merged = merged.astype(np.uint8)
+        present = set(np.unique(merged).tolist()) - {0}
+        by_id = {s.id: s for m in models for s in m.structures.values()}
+        out = nib.Nifti1Image(merged, img.affine)
+        out.set_qform(img.affine, code=1)
+        out.set_sform(img.affine, code=1)
+        out.header["descrip"] = f"MRAnnotator {self.weights.source} weights".encode()[:79]
+        return Segmentation(
+            labels=out,
+            structures=[by_id[i] for i in sorted(present)],
+            weights=self.weights.describe(),
+            models_run=[m.dataset for m in models],
+            probabilities=probs_out,
+            overlaps=overlaps,
+            seconds=time.perf_counter() - t0,
+        )
+
+    # ---------------------------------------------------------------- internals
+    def _select(self, regions, structures) -> list[RegionModel]:
+        wanted = expand_regions(regions)
+        models = [m for m in self.models if wanted is None or set(m.folder.regions()) & wanted]
+        keep = self._structure_filter(structures)
+        if keep is not None:
+            models = [m for m in models if {s.id for s in m.structures.values()} & keep]
+        if not models:
+            raise InputError(
+                f"no loaded model covers regions={sorted(wanted) if wanted else 'all'} "
+                f"structures={sorted(structures) if structures else 'all'}"
+            )
+        return models
+
+    def _structure_filter(self, structures) -> set[int] | None:
+        if not structures:
+            return None
+        known = {s.name: s for s in self.structures}
+        ids = set()
+        for name in structures:
+            s = self.catalogue.find(name) or known.get(name)
+            if s is None or s.id not in {x.id for x in self.structures}:
+                raise InputError(f"unknown structure {name!r}: the loaded models label "
+                                 f"{', '.join(x.name for x in self.structures)}")
+            ids.add(s.id)
+        return ids
+
+    def _predict(self, m: RegionModel, arr: np.ndarray, affine: np.ndarray, with_probs: bool):
+        """nnU-Net on a volume in the model's orientation: labels (model values) and probabilities."""
+        # nnU-Net's SimpleITK reader order: (z, y, x) with the spacing reversed; one channel
+        x = arr.transpose(2, 1, 0)[None]
+        props = {"spacing": list(voxel_spacing(affine))[::-1]}
+        out = m.predictor.predict_single_npy_array(x, props, None, None, with_probs)
+        if with_probs:
+            seg, probs = out
+            return seg.transpose(2, 1, 0), probs.transpose(0, 3, 2, 1).astype(np.float32, copy=False)
+        return out.transpose(2, 1, 0), None
+
+
+def segment(image, **kwargs) -> Segmentation:
+    """One-shot convenience: load the default weights and segment one image."""
+    init = {k: kwargs.pop(k) for k in ("weights", "device", "threads", "tile_step_size") if k in kwargs}
+    return Segmenter(**init).segment(image, **kwargs)

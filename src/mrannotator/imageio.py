@@ -1,0 +1,192 @@
+"""Reading images with their full geometry, and writing results without ever leaving a partial file.
+
+Everything in the engine is a :class:`nibabel.Nifti1Image` (array in stored voxel order + RAS affine).
+NIfTI files, folders of one DICOM series, nibabel images and SimpleITK images are accepted.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def load_image(source) -> nib.Nifti1Image:
+    """An MR volume from a path (NIfTI file or DICOM series folder), a nibabel or a SimpleITK image.
+
+    The array is read eagerly (a corrupt file fails here, with its name) and checked to be one 3D
+    volume with a usable affine and finite intensities.
+    """
+    if isinstance(source, sitk.Image):
+        img = from_sitk(source)
+    elif isinstance(source, nib.spatialimages.SpatialImage):
+        img = nib.Nifti1Image(np.asanyarray(source.dataobj), source.affine, getattr(source, "header", None))
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise InputError(f"input not found: {path}")
+        if path.is_dir():
+            img = load_dicom_series(path)
+        else:
+            img = _load_nifti(path)
+    return check_volume(img, str(source) if not isinstance(source, sitk.Image) else "SimpleITK image")
+
+
+def _load_nifti(path: Path) -> nib.Nifti1Image:
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzip: decompress fully so a corrupt or truncated stream is named as such
+            try:
+                raw = gzip.decompress(raw)
+            except (gzip.BadGzipFile, zlib.error, EOFError) as e:
+                raise InputError(f"cannot read {path}: corrupt or truncated gzip data ({e})") from e
+        for cls in (nib.Nifti1Image, nib.Nifti2Image):
+            try:
+                img = cls.from_bytes(raw)
+                break
+            except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, ValueError):
+                continue
+        else:
+            raise InputError(f"cannot read {path}: not a NIfTI image (no valid NIfTI-1/2 header)")
+        data = np.asanyarray(img.dataobj)  # force the read: a short data block fails here
+    except InputError:
+        raise
+    except Exception as e:  # nibabel raises many types for malformed files
+        raise InputError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    return nib.Nifti1Image(data, img.affine, img.header)
+
+
+def check_volume(img: nib.Nifti1Image, what: str) -> nib.Nifti1Image:
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 4:
+        raise InputError(
+            f"{what} is 4D ({data.shape[3]} volumes of {data.shape[:3]}); MRAnnotator segments one 3D "
+            "volume: split the series (e.g. one echo or one time point) first"
+        )
+    if data.ndim != 3 or min(data.shape) < 2:
+        raise InputError(
+            f"{what} is {'2D' if data.ndim >= 2 else f'{data.ndim}D'} (shape {data.shape}); MRAnnotator needs a "
+            "3D volume with at least 2 voxels along every axis"
+        )
+    if data.dtype.kind not in "iuf":
+        raise InputError(f"{what} has voxel type {data.dtype}; an MR magnitude image is integer or float")
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise InputError(f"{what} contains NaN or infinite intensities")
+    affine = np.asarray(img.affine, float)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(f"{what} has no usable orientation (singular or missing affine)")
+    out = nib.Nifti1Image(data, affine, img.header)
+    out.set_qform(affine, code=1)
+    out.set_sform(affine, code=1)
+    return out
+
+
+def from_sitk(image: sitk.Image) -> nib.Nifti1Image:
+    """SimpleITK (LPS, z-y-x array) to nibabel (RAS affine, x-y-z array), exactly."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError("the image has vector pixels (e.g. RGB); MRAnnotator needs a scalar MR volume")
+    arr = sitk.GetArrayFromImage(image)
+    arr = arr.transpose(tuple(range(arr.ndim))[::-1])
+    d = image.GetDimension()
+    if d != 3:
+        raise InputError(f"the image is {d}D; MRAnnotator needs a 3D volume")
+    direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * np.asarray(image.GetSpacing(), float)
+    lps[:3, 3] = image.GetOrigin()
+    return nib.Nifti1Image(np.ascontiguousarray(arr), _LPS_TO_RAS @ lps)
+
+
+def to_sitk(img: nib.Nifti1Image, array: np.ndarray | None = None) -> sitk.Image:
+    """nibabel to SimpleITK, exactly (optionally another array on the same grid, e.g. labels)."""
+    arr = np.asanyarray(img.dataobj) if array is None else array
+    out = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)))
+    lps = _LPS_TO_RAS @ np.asarray(img.affine, float)
+    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
+    out.SetSpacing(spacing.tolist())
+    out.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
+    out.SetOrigin(lps[:3, 3].tolist())
+    return out
+
+
+def dicom_series_in(folder: Path) -> list[tuple[str, list[str]]]:
+    """(series instance UID, sorted files) of every series SimpleITK/GDCM finds under ``folder``."""
+    reader = sitk.ImageSeriesReader
+    out = []
+    for uid in reader.GetGDCMSeriesIDs(str(folder)) or ():
+        files = reader.GetGDCMSeriesFileNames(str(folder), uid)
+        if files:
+            out.append((uid, list(files)))
+    return out
+
+
+def load_dicom_series(folder: Path, series_uid: str | None = None) -> nib.Nifti1Image:
+    """One MR series of a folder as a volume; the largest MR series if there are several."""
+    import pydicom
+
+    series = dicom_series_in(folder)
+    if not series:
+        raise InputError(f"no DICOM series found in {folder}")
+    candidates = []
+    modalities = set()
+    for uid, files in series:
+        try:
+            ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+        except Exception as e:
+            raise InputError(f"cannot read DICOM file {files[0]}: {e}") from e
+        modality = str(getattr(ds, "Modality", "") or "unknown")
+        modalities.add(modality)
+        if modality == "MR" and (series_uid is None or uid == series_uid):
+            candidates.append((len(files), uid, files))
+    if not candidates:
+        raise InputError(
+            f"no MR series in {folder} (found modality {', '.join(sorted(modalities))}); MRAnnotator segments MR only"
+        )
+    _, uid, files = max(candidates)
+    if len(files) < 2:
+        raise InputError(f"DICOM series {uid} in {folder} has a single slice; MRAnnotator needs a 3D series")
+    try:
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        image = reader.Execute()
+    except RuntimeError as e:
+        raise InputError(f"cannot assemble DICOM series {uid} in {folder} into a volume: {e}") from e
+    return from_sitk(image)
+
+
+# ------------------------------------------------------------------ writing, atomically
+def _atomic(path: Path, write) -> Path:
+    """Write through a temporary file in the same folder, then rename: never a partial file at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_nifti(img: nib.Nifti1Image, path: Path) -> Path:
+    return _atomic(path, lambda tmp: nib.save(img, tmp))
+
+
+def save_json(obj, path: Path) -> Path:
+    return _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
