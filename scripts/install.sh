@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install MRAnnotator into .venv (Python 3.11) with the system tools its tests use.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  # dicom3tools: dciodvfy validates our DICOM; orthanc + DICOMweb plugin: a real PACS for tests
+  missing=""
+  for p in dicom3tools orthanc orthanc-dicomweb; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+  if [ -n "$missing" ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    # Debian starts the packaged Orthanc service; tests run their own on 127.0.0.1
+    (service orthanc stop || systemctl stop orthanc || true) >/dev/null 2>&1
+  fi
+fi
+PY=${PYTHON:-python3.11}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[dev]'
