@@ -16,3 +16,6 @@ PY=${PYTHON:-python3.11}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[dev]'
+# Editable installs skip data-files: put the pydicom-3 compatibility hook for MONAI Label in place
+# (see src/_mrannotator_pydicom_compat.py; a wheel install ships it by itself).
+cp src/mrannotator-pydicom-compat.pth "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
