@@ -268,7 +268,7 @@ def _pelvis(s: _Scene, prostate_only=False):
 # field of view (mm, along R, A, S), spacing (mm, along R, A, S), FOV centre (RAS mm), anatomy
 REGION_GRIDS = {
     "abdomen": ((301, 231, 168), (3.5, 3.5, 6.0), (0, 0, 0), _abdomen),
-    "spine": ((64, 120, 704), (4.0, 3.75, 4.0), (0, 0, 0), _spine),
+    "spine": ((64, 120, 704), (4.0, 3.0, 4.0), (0, 0, 0), _spine),
     "shoulder": ((448, 196, 240), (4.0, 7.0, 4.0), (0, 0, 0), _shoulder),
     "knee": ((160, 160, 192), (5.0, 2.5, 3.0), (0, 0, 0), _knee),
     "pelvis": ((380, 264, 220), (4.0, 6.0, 4.0), (0, 0, 0), _pelvis),

@@ -27,6 +27,7 @@ from .errors import WeightsError
 
 CHECKPOINT = "checkpoint_final.pth"
 FOLD = 0
+FOLDER_NAME = "nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres"  # the official release's trainer folder
 # Orientation each known model expects its input in (nibabel axis codes). The official release and
 # our demo weights expect LAS; a dataset.json may say otherwise with "mrannotator_orientation".
 DEFAULT_ORIENTATION = "LAS"
