@@ -1,0 +1,65 @@
+"""MRAnnotator MONAI Deploy application: a DICOM MR study in, a DICOM SEG (+ labels NIfTI, statistics JSON) out.
+
+    python operators -i DICOM_DIR -o OUT [-m MODELS]
+    HOLOSCAN_INPUT_PATH=... HOLOSCAN_OUTPUT_PATH=... HOLOSCAN_MODEL_PATH=... python operators
+
+Without -m / HOLOSCAN_MODEL_PATH the demo weights (models/demo) are used. MRANNOTATOR_DEVICE picks
+auto (default), cpu or cuda.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from monai.deploy.conditions import CountCondition
+from monai.deploy.core import AppContext, Application
+from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
+from monai.deploy.operators.dicom_series_to_volume_operator import DICOMSeriesToVolumeOperator
+from mr_series_selector import MRSeriesSelectorOperator
+from mrannotator_operator import MRAnnotatorSegmentationOperator
+from writers import DICOMSegWriterOperator, ResultsWriterOperator
+
+from mrannotator.weights import demo_weights_dir
+
+VERSION = "0.1.0"
+
+
+def models_path(app_context: AppContext, argv: list[str]) -> Path:
+    """-m, else HOLOSCAN_MODEL_PATH, else the demo weights (the SDK's own default, ./models, is not ours)."""
+    given = any(a in ("-m", "--model") or a.startswith("--model=") for a in argv[1:])
+    if given or os.environ.get("HOLOSCAN_MODEL_PATH"):
+        return Path(app_context.model_path)
+    return demo_weights_dir()
+
+
+class MRAnnotatorApp(Application):
+    """DICOM loader -> MR series selector -> series to volume -> MRAnnotator -> DICOM SEG + labels/statistics."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
+
+    def compose(self):
+        app_context = Application.init_app_context(self.argv)
+        input_dir = Path(app_context.input_path)
+        output_dir = Path(app_context.output_path)
+        models = models_path(app_context, self.argv)
+        self._logger.info(f"input {input_dir}, output {output_dir}, models {models}")
+
+        loader = DICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=input_dir, name="dicom_loader")
+        selector = MRSeriesSelectorOperator(self, name="mr_series_selector")
+        to_volume = DICOMSeriesToVolumeOperator(self, name="series_to_volume")
+        segment = MRAnnotatorSegmentationOperator(
+            self, weights=models, device=os.environ.get("MRANNOTATOR_DEVICE", "auto"), name="mrannotator"
+        )
+        seg_writer = DICOMSegWriterOperator(self, output_folder=output_dir, name="dicom_seg_writer")
+        results_writer = ResultsWriterOperator(self, output_folder=output_dir, name="results_writer")
+
+        self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
+        self.add_flow(selector, to_volume, {("study_selected_series_list", "study_selected_series_list")})
+        self.add_flow(selector, segment, {("study_selected_series_list", "study_selected_series_list")})
+        self.add_flow(to_volume, segment, {("image", "image")})
+        self.add_flow(segment, seg_writer, {("segmentation", "segmentation")})
+        self.add_flow(segment, results_writer, {("segmentation", "segmentation")})

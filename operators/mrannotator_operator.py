@@ -1,0 +1,100 @@
+"""MRAnnotator segmentation: the selected series' volume, with its exact DICOM geometry, through the engine.
+
+The engine (``mrannotator.Segmenter``) is loaded once, when the graph starts, and reused. The volume's
+affine is rebuilt from the instances' own ImagePositionPatient / ImageOrientationPatient / PixelSpacing
+(``mrannotator.dicom``), not taken from the affine diagonal, so sagittal, coronal, oblique and
+reversed-order series are segmented in the right anatomical frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import nibabel as nib
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+from monai.deploy.operators.dicom_utils import ModelInfo
+from pydicom.uid import generate_uid
+
+from mrannotator import Segmentation, Segmenter, __version__
+from mrannotator.dicom import sort_datasets, volume_from_datasets
+
+
+@dataclass
+class SeriesSegmentation:
+    """What the writers need: the engine's result and the source instances in slice order."""
+
+    result: Segmentation
+    volume: nib.Nifti1Image
+    source_datasets: list  # pydicom Datasets, slice k of ``volume`` = source_datasets[k]
+    study_instance_uid: str
+    series_instance_uid: str
+    series_description: str
+    model_info: ModelInfo  # filled: creator, name (with the weights), version, Device UID of the weights
+
+
+def model_info_for(segmenter: Segmenter) -> ModelInfo:
+    """IHE AI Results model identity. The Device UID is derived from the checkpoints' SHA-256, so it
+    changes whenever the weights change and is the same for every run with the same weights."""
+    digests = []
+    for m in segmenter.models:
+        h = hashlib.sha256()
+        with open(m.folder.checkpoint, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        digests.append(f"{m.dataset}:{h.hexdigest()}")
+    return ModelInfo(
+        creator="MRAnnotator project",
+        name=f"MRAnnotator nnU-Net v2 ({segmenter.weights.source} weights)",
+        version=__version__,
+        uid=generate_uid(entropy_srcs=digests),
+    )
+
+
+class MRAnnotatorSegmentationOperator(Operator):
+    """image + study_selected_series_list -> segmentation (SeriesSegmentation)."""
+
+    def __init__(self, fragment: Fragment, *args, weights, device: str = "auto", **kwargs):
+        self.weights = weights
+        self.device = device
+        self.segmenter: Segmenter | None = None
+        self.model_info: ModelInfo | None = None
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec):
+        spec.input("image")
+        spec.input("study_selected_series_list")
+        spec.output("segmentation")
+
+    def start(self):
+        log = logging.getLogger(__name__)
+        self.segmenter = Segmenter(weights=self.weights, device=self.device)
+        self.model_info = model_info_for(self.segmenter)
+        w = self.segmenter.weights
+        log.info(f"weights: {w.source} ({w.root}); models: {', '.join(m.dataset for m in self.segmenter.models)}; "
+                 f"device {self.segmenter.device}")
+
+    def compute(self, op_input, op_output, context):
+        log = logging.getLogger(__name__)
+        image = op_input.receive("image")
+        selected = op_input.receive("study_selected_series_list")[0].selected_series[0].series
+        # the series-to-volume operator sorted the instances in place; its array follows that order
+        datasets = [i.get_native_sop_instance() for i in selected.get_sop_instances()]
+        volume = volume_from_datasets(datasets, image.asnumpy())
+        datasets, _ = sort_datasets(datasets)  # the volume's slice order, whatever order came in
+        result = self.segmenter.segment(volume, progress=log.info)
+        log.info(f"{len(result.structures)} structures found in {result.seconds:.1f} s")
+        first = datasets[0]
+        op_output.emit(
+            SeriesSegmentation(
+                result=result,
+                volume=volume,
+                source_datasets=datasets,
+                study_instance_uid=str(first.StudyInstanceUID),
+                series_instance_uid=str(first.SeriesInstanceUID),
+                series_description=str(getattr(first, "SeriesDescription", "") or ""),
+                model_info=self.model_info,
+            ),
+            "segmentation",
+        )

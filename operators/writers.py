@@ -1,0 +1,78 @@
+"""Writers at the end of the graph: the DICOM SEG, and the labels NIfTI + per-structure statistics JSON.
+
+Every file is written through a temporary name and renamed, so an output folder never holds a partial file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+from monai.deploy.operators.dicom_utils import ModelInfo
+
+from mrannotator.dicom import make_seg
+from mrannotator.imageio import save_json, save_nifti
+
+SEG_FILE = "mrannotator_seg.dcm"
+LABELS_FILE = "mrannotator_labels.nii.gz"
+STATISTICS_FILE = "mrannotator_structures.json"
+
+
+class DICOMSegWriterOperator(Operator):
+    """segmentation -> OUT/mrannotator_seg.dcm (BINARY SEG, empty frames omitted, ModelInfo filled)."""
+
+    def __init__(self, fragment: Fragment, *args, output_folder: Path, **kwargs):
+        self.output_folder = Path(output_folder)
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec):
+        spec.input("segmentation")
+
+    def compute(self, op_input, op_output, context):
+        s = op_input.receive("segmentation")
+        info: ModelInfo = s.model_info
+        if not s.result.structures:
+            logging.getLogger(__name__).warning("no structure found: no DICOM SEG written (a SEG needs a segment)")
+            return
+        seg = make_seg(
+            s.result.labels, s.result.structures, s.source_datasets, weights=s.result.weights,
+            model_creator=info.creator, model_name=info.name, model_version=info.version, device_uid=info.uid,
+        )
+        self.output_folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{SEG_FILE}.", dir=self.output_folder)
+        os.close(fd)
+        try:
+            seg.save_as(tmp, enforce_file_format=True)
+            os.replace(tmp, self.output_folder / SEG_FILE)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        logging.getLogger(__name__).info(
+            f"DICOM SEG {seg.SOPInstanceUID}: {len(s.result.structures)} segments, {seg.NumberOfFrames} frames "
+            f"-> {self.output_folder / SEG_FILE}"
+        )
+
+
+class ResultsWriterOperator(Operator):
+    """segmentation -> OUT/mrannotator_labels.nii.gz and OUT/mrannotator_structures.json."""
+
+    def __init__(self, fragment: Fragment, *args, output_folder: Path, **kwargs):
+        self.output_folder = Path(output_folder)
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec):
+        spec.input("segmentation")
+
+    def compute(self, op_input, op_output, context):
+        s = op_input.receive("segmentation")
+        report = {
+            "study_instance_uid": s.study_instance_uid,
+            "series_instance_uid": s.series_instance_uid,
+            "series_description": s.series_description,
+            **s.result.summary(),
+        }
+        save_nifti(s.result.labels, self.output_folder / LABELS_FILE)
+        save_json(report, self.output_folder / STATISTICS_FILE)
+        logging.getLogger(__name__).info(f"labels and statistics -> {self.output_folder}")
