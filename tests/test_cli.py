@@ -94,3 +94,26 @@ def test_demo_runs_every_region_and_reports_dice(tmp_path):
     assert report["weights"]["source"] == "demo"
     assert report["mean_dice"] > 0.8
     assert "mean Dice" in r.stdout
+
+
+def test_segment_a_dicom_series_folder_like_its_nifti(real_mr, tmp_path):
+    from mrannotator.dicom import write_series
+
+    write_series(real_mr, tmp_path / "dicom" / "mr")
+    write_series(real_mr, tmp_path / "dicom" / "ct", modality="CT", series_number=2)  # ignored: not MR
+    r = run("segment", "-i", str(tmp_path / "dicom"), "-o", str(tmp_path / "o"), "--quiet", "--regions", "abdomen")
+    assert r.returncode == 0, r.stderr
+    from_dicom = nib.load(tmp_path / "o" / "dicom_seg.nii.gz")
+    r = run("segment", "-i", str(real_mr), "-o", str(tmp_path / "n"), "--quiet", "--regions", "abdomen")
+    from_nifti = nib.load(tmp_path / "n" / "example_mr_sm_seg.nii.gz")
+    assert np.allclose(from_dicom.affine, from_nifti.affine, atol=1e-3)
+    assert np.array_equal(np.asarray(from_dicom.dataobj), np.asarray(from_nifti.dataobj))
+
+
+def test_a_folder_without_mr_is_refused(real_mr, tmp_path):
+    from mrannotator.dicom import write_series
+
+    write_series(real_mr, tmp_path / "ct", modality="CT")
+    r = run("segment", "-i", str(tmp_path / "ct"), "-o", str(tmp_path / "o"), "--quiet")
+    assert r.returncode == 2 and "no MR series" in r.stderr and "CT" in r.stderr
+    assert not (tmp_path / "o").exists()

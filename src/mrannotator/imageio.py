@@ -123,13 +123,19 @@ def to_sitk(img: nib.Nifti1Image, array: np.ndarray | None = None) -> sitk.Image
 
 
 def dicom_series_in(folder: Path) -> list[tuple[str, list[str]]]:
-    """(series instance UID, sorted files) of every series SimpleITK/GDCM finds under ``folder``."""
+    """(series instance UID, sorted files) of every series GDCM finds in ``folder`` and its subfolders."""
     reader = sitk.ImageSeriesReader
     out = []
-    for uid in reader.GetGDCMSeriesIDs(str(folder)) or ():
-        files = reader.GetGDCMSeriesFileNames(str(folder), uid)
-        if files:
-            out.append((uid, list(files)))
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on every folder without DICOM
+    try:
+        for sub in [folder, *sorted(p for p in Path(folder).rglob("*") if p.is_dir())]:
+            for uid in reader.GetGDCMSeriesIDs(str(sub)) or ():
+                files = reader.GetGDCMSeriesFileNames(str(sub), uid)
+                if files:
+                    out.append((uid, list(files)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
     return out
 
 
