@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from .errors import InputError, MRAnnotatorError
+from .evaluation import add_cli as add_evaluate_cli
 
 
 class _Progress:
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     wl.add_argument("--json", action="store_true")
     w.set_defaults(func=cmd_weights)
 
+    add_evaluate_cli(sub)
     return ap
 
 
