@@ -240,11 +240,12 @@ def _bbox(slices_a, slices_b, sid: int, shape, margin: int = 1) -> tuple[slice, 
 
 
 def measure_structures(pred_ids: np.ndarray, truth_ids: np.ndarray, spacing: Sequence[float],
-                       ids: Iterable[int] | None = None) -> list[dict]:
+                       ids: Iterable[int] | None = None, distances: bool = True) -> list[dict]:
     """Dice, HD95 (mm) and ASD (mm) per catalogue id present in either map (MONAI's metrics).
 
     Both arrays hold catalogue ids on the same grid; ``spacing`` is the voxel size (mm) along each
-    array axis. Ids absent from both are left out. Distances are None when one side is empty.
+    array axis. Ids absent from both are left out. Distances are None when one side is empty (or when
+    ``distances`` is False: Dice only).
     """
     import torch
     from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
@@ -268,7 +269,7 @@ def measure_structures(pred_ids: np.ndarray, truth_ids: np.ndarray, spacing: Seq
         yt = torch.from_numpy(t[None, None].astype(np.float32))
         dice = float(compute_dice(yp, yt, include_background=True, ignore_empty=False)[0, 0])
         hd95 = asd = None
-        if n_p and n_t:
+        if n_p and n_t and distances:
             hd95 = float(compute_hausdorff_distance(yp, yt, include_background=True, percentile=95,
                                                     spacing=spacing)[0, 0])
             asd = float(compute_average_surface_distance(yp, yt, include_background=True, symmetric=True,
@@ -466,7 +467,8 @@ def _region_title(region: str) -> str:
     return "Overall" if region == "overall" else region.replace("_", " ").capitalize()
 
 
-def _ci_text(mean, lo, hi) -> str:
+def format_ci(mean, lo, hi) -> str:
+    """``0.912 (0.890-0.931)``: a mean with its 95% CI, as in the tables."""
     if mean is None:
         return "-"
     if lo is None:
@@ -495,7 +497,7 @@ def report_markdown(ev: Evaluation) -> str:
         if r["region"] == "overall":
             name = "**Overall**"
         lines.append(f"| {name} | {r['structures']} | {r['cases']} | "
-                     f"{_ci_text(r['dice_mean'], r['dice_ci_low'], r['dice_ci_high'])} | {_f(r['dice_median'])} | "
+                     f"{format_ci(r['dice_mean'], r['dice_ci_low'], r['dice_ci_high'])} | {_f(r['dice_median'])} | "
                      f"{r['ci_method']} | {_f(r['hd95_mean_mm'], '.1f')} | {_f(r['asd_mean_mm'], '.2f')} |")
     lines += ["", "Region and overall rows: per case, the mean Dice of the region's structures measured in that case; "
               "then the mean over cases with its 95% CI (cases are the independent units).", ""]
@@ -509,7 +511,7 @@ def report_markdown(ev: Evaluation) -> str:
                   "| HD95 (mm) | ASD (mm) |",
                   "|---|---:|---|---:|---:|---|---:|---:|---:|---:|"]
         for r in rows:
-            dice = _ci_text(r["dice_mean"], r["dice_ci_low"], r["dice_ci_high"])
+            dice = format_ci(r["dice_mean"], r["dice_ci_low"], r["dice_ci_high"])
             lines.append(f"| {r['display']} | {r['n']} | {dice}"
                          f" | {_f(r['dice_median'])} | {_f(r['dice_shapiro_p'], '.3g')} | {r['ci_method']} | "
                          f"{r['n_missed']} | {r['n_false_positive']} | {_f(r['hd95_mean_mm'], '.1f')} | "
@@ -690,7 +692,7 @@ def cmd_evaluate(args) -> int:
     print(f"{'region':<16s} {'structures':>10s} {'cases':>6s}  Dice mean (95% CI)")
     for r in ev.regions:
         print(f"{_region_title(r['region']):<16s} {r['structures']:>10d} {r['cases']:>6d}  "
-              f"{_ci_text(r['dice_mean'], r['dice_ci_low'], r['dice_ci_high'])} [{r['ci_method']}]")
+              f"{format_ci(r['dice_mean'], r['dice_ci_low'], r['dice_ci_high'])} [{r['ci_method']}]")
     for k in ev.skipped:
         print(f"mrannotator: skipped {k['case']}: {k['skipped']}: {k['reason']}", file=sys.stderr)
     print(f"{ev.n_cases} cases evaluated; report: {paths['markdown']}; tables: "
