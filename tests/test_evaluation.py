@@ -23,6 +23,7 @@ from mrannotator.cli import main as cli_main
 from mrannotator.errors import InputError
 from mrannotator.evaluation import (
     Evaluation,
+    comparison_markdown,
     confidence_interval,
     evaluate,
     evaluate_case,
@@ -138,6 +139,24 @@ def test_structure_counts_and_tables(abdomen):
     assert spl["dice_mean"] == pytest.approx(np.mean([r["dice"] for r in ev.cases if r["structure"] == "spleen"]))
     md = ev.to_markdown()
     assert "Table 1" in md and "| Gallbladder | 2 |" in md and "| Spleen | 3 |" in md
+
+
+def test_compare_with_an_earlier_evaluation(tmp_path, abdomen):
+    """Original vs 'fine-tuned': written, read back, and put side by side in one table."""
+    truth = np.asarray(abdomen.labels.dataobj)
+    original = evaluate_pairs([("c1", image(moved(truth, ID["liver"], 3, 0), abdomen.labels), abdomen.labels)],
+                              set_name="original")
+    original.write(tmp_path / "orig", figure=False)
+    back = Evaluation.load(tmp_path / "orig")
+    assert (back.regions, back.structures, back.cases) == (original.regions, original.structures, original.cases)
+    tuned = evaluate_pairs([("c1", image(moved(truth, ID["liver"], 1, 0), abdomen.labels), abdomen.labels)],
+                           set_name="fine-tuned")
+    md = comparison_markdown([back, tuned])
+    liver = [r["dice_mean"] for e in (original, tuned) for r in e.structures if r["structure"] == "liver"]
+    assert liver[0] < liver[1]
+    assert "original vs fine-tuned" in md and f"| Liver | {liver[0]:.3f}, 1 | {liver[1]:.3f}, 1 |" in md
+    with pytest.raises(InputError, match="cannot read an earlier evaluation"):
+        Evaluation.load(tmp_path / "nowhere")
 
 
 # ------------------------------------------------------------------ confidence intervals

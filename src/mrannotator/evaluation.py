@@ -451,6 +451,18 @@ class Evaluation:
     def figure(self, path: str | Path) -> Path:
         return dice_figure(self, path)
 
+    @classmethod
+    def load(cls, path: str | Path) -> Evaluation:
+        """An evaluation written earlier (its ``evaluation.json``, or the folder holding it)."""
+        p = Path(path)
+        p = p / "evaluation.json" if p.is_dir() else p
+        try:
+            d = json.loads(p.read_text())
+            return cls(set_name=d["set_name"], cases=d["cases"], structures=d["structures"], regions=d["regions"],
+                       skipped=d["skipped"], settings=d.get("settings", {}))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"cannot read an earlier evaluation from {p}: {type(e).__name__}: {e}") from e
+
 
 def _csv_text(rows: list[dict]) -> str:
     buf = io.StringIO()
@@ -536,6 +548,32 @@ def report_markdown(ev: Evaluation) -> str:
         lines += ["## Settings", ""]
         lines += [f"- {k}: {v}" for k, v in s.items() if k != "description"]
         lines.append("")
+    return "\n".join(lines)
+
+
+def comparison_markdown(evaluations: Sequence[Evaluation]) -> str:
+    """Table 1 with one Dice column per evaluation (e.g. internal vs external set, original vs fine-tuned)."""
+    evs = list(evaluations)
+    head = "| | " + " | ".join(f"{e.set_name}: Dice (95% CI), n" for e in evs) + " |"
+    rule = "|---|" + "---|" * len(evs)
+
+    def cell(row, key):
+        return "-" if row is None else f"{format_ci(row['dice_mean'], row['dice_ci_low'], row['dice_ci_high'])}, " \
+                                       f"{row[key]}"
+
+    regions = [r for r in (*REGIONS, "overall") if any(x["region"] == r for e in evs for x in e.regions)]
+    lines = ["# MRAnnotator evaluation: " + " vs ".join(e.set_name for e in evs), "",
+             "## Table 1: Dice by anatomic region (n = cases)", "", head.replace("| |", "| Region |", 1), rule]
+    for reg in regions:
+        rows = [next((x for x in e.regions if x["region"] == reg), None) for e in evs]
+        lines.append(f"| {_region_title(reg)} | " + " | ".join(cell(r, "cases") for r in rows) + " |")
+    lines += ["", "## Dice per structure (n = cases measured)", "", head.replace("| |", "| Structure |", 1), rule]
+    ids = sorted({x["id"] for e in evs for x in e.structures},
+                 key=lambda i: (REGIONS.index(load_catalogue().by_id(i).region), i))
+    for sid in ids:
+        rows = [next((x for x in e.structures if x["id"] == sid), None) for e in evs]
+        lines.append(f"| {load_catalogue().by_id(sid).display} | " + " | ".join(cell(r, "n") for r in rows) + " |")
+    lines += ["", "Each column as in its own report (table1.md): CI method per row there.", ""]
     return "\n".join(lines)
 
 
@@ -689,6 +727,11 @@ def cmd_evaluate(args) -> int:
         ev = evaluate(args.pred, args.truth, truth_labels=args.truth_labels, pred_labels=args.pred_labels,
                       structures=args.structures, set_name=args.set_name, seed=args.seed)
         paths = ev.write(args.out, figure=not args.no_figure)
+        if args.compare:
+            from .imageio import _atomic
+
+            text = comparison_markdown([*(Evaluation.load(p) for p in args.compare), ev])
+            paths["comparison"] = _atomic(Path(args.out) / "comparison.md", lambda tmp: Path(tmp).write_text(text))
     print(f"{'region':<16s} {'structures':>10s} {'cases':>6s}  Dice mean (95% CI)")
     for r in ev.regions:
         print(f"{_region_title(r['region']):<16s} {r['structures']:>10d} {r['cases']:>6d}  "
@@ -697,7 +740,8 @@ def cmd_evaluate(args) -> int:
         print(f"mrannotator: skipped {k['case']}: {k['skipped']}: {k['reason']}", file=sys.stderr)
     print(f"{ev.n_cases} cases evaluated; report: {paths['markdown']}; tables: "
           f"{', '.join(str(paths[k]) for k in ('cases', 'structures', 'regions'))}"
-          + (f"; figure: {paths['figure']}" if "figure" in paths else ""))
+          + (f"; figure: {paths['figure']}" if "figure" in paths else "")
+          + (f"; comparison: {paths['comparison']}" if "comparison" in paths else ""))
     return 0
 
 
@@ -715,4 +759,7 @@ def add_cli(subparsers) -> None:
     e.add_argument("--set-name", default="test", help="name of the test set in the report, e.g. internal, external")
     e.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
     e.add_argument("--no-figure", action="store_true", help="do not draw the Dice figure")
+    e.add_argument("--compare", nargs="+", default=None, metavar="EARLIER",
+                   help="earlier evaluation folders (or their evaluation.json): also write comparison.md with one "
+                        "Dice column per set, e.g. the original model next to a fine-tuned one")
     e.set_defaults(func=cmd_evaluate)
