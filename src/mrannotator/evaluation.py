@@ -280,18 +280,22 @@ def measure_structures(pred_ids: np.ndarray, truth_ids: np.ndarray, spacing: Seq
     return rows
 
 
-def evaluate_case(pred, truth, *, truth_labels: LabelMap | None = None, pred_labels: LabelMap | None = None,
-                  structures: Iterable[int] | None = None, case: str = "case",
-                  catalogue: LabelCatalogue | None = None) -> tuple[list[dict], list[dict]]:
+def evaluate_case(pred, truth, *, truth_labels: LabelMap | str | Path | None = None,
+                  pred_labels: LabelMap | str | Path | None = None, structures: Iterable[int] | None = None,
+                  case: str = "case", catalogue: LabelCatalogue | None = None) -> tuple[list[dict], list[dict]]:
     """Rows (one per structure measured) and notes (what was ignored) for one prediction/truth pair.
 
-    ``pred`` and ``truth`` are paths or nibabel images; a grid mismatch or an unreadable file raises
-    :class:`InputError`.
+    ``pred`` and ``truth`` are paths or nibabel images; label maps are :class:`LabelMap` or anything
+    :func:`load_label_map` reads. A grid mismatch or an unreadable file raises :class:`InputError`.
     """
     from .orientation import voxel_spacing
 
     cat = catalogue or load_catalogue()
     ident = identity_map(cat)
+    if isinstance(truth_labels, (str, Path)):
+        truth_labels = load_label_map(truth_labels, cat)
+    if isinstance(pred_labels, (str, Path)):
+        pred_labels = load_label_map(pred_labels, cat)
     truth_img, truth_data = _as_label_image(truth, f"truth of {case}")
     pred_img, pred_data = _as_label_image(pred, f"prediction of {case}")
     pred_data, _ = align_to_truth(pred_data, pred_img.affine, truth_data, truth_img.affine, case)
