@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import nibabel as nib
 from monai.deploy.core import Fragment, Operator, OperatorSpec
@@ -68,7 +69,10 @@ class MRAnnotatorSegmentationOperator(Operator):
         spec.output("segmentation")
 
     def start(self):
+        import mrannotator
+
         log = logging.getLogger(__name__)
+        log.info(f"engine: mrannotator {__version__} from {Path(mrannotator.__file__).parent}")
         self.segmenter = Segmenter(weights=self.weights, device=self.device)
         self.model_info = model_info_for(self.segmenter)
         w = self.segmenter.weights
