@@ -298,6 +298,9 @@ def test_label_map_formats(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "Vertebrae L1": 1, "lung": 2}}))
     m = load_label_map(tmp_path / "dataset.json")
     assert m.ids == {1: ID["vertebrae_L1"]} and m.ignored == {2: "lung"}
+    (tmp_path / "names.json").write_text(json.dumps({"leber": 3, "liver": 2}))
+    m = load_label_map(tmp_path / "names.json")
+    assert m.ids == {2: ID["liver"]} and m.ignored == {3: "leber"}
     (tmp_path / "m.csv").write_text("value,structure,note\n5,kidney_left,x\n6,,not ours\n")
     m = load_label_map(tmp_path / "m.csv")
     assert m.ids == {5: ID["kidney_left"]} and 6 in m.ignored

@@ -66,8 +66,9 @@ def load_label_map(source: str | Path, catalogue: LabelCatalogue | None = None) 
 
     CSV: a header with ``value`` and ``structure`` (catalogue name or id; empty = no catalogue
     structure, ignored on purpose); other columns (e.g. ``source_name``) are kept as descriptions.
-    JSON: ``{"<value>": "<catalogue name>" | <catalogue id> | null}``, or an nnU-Net ``dataset.json``
-    (``{"labels": {"<name>": <value>}}``) whose names the catalogue does not know are ignored.
+    JSON: ``{"<value>": "<catalogue name>" | <catalogue id> | null}``, or names to values
+    (``{"<name>": <value>}`` or an nnU-Net ``dataset.json`` ``{"labels": {...}}``), where names the
+    catalogue does not know are ignored (and reported when they occur).
     Several values may map to one structure (e.g. left and right femur -> ``upper_femora``).
     """
     cat = catalogue or load_catalogue()
@@ -139,6 +140,10 @@ def _parse_csv_map(text: str, where: str, cat: LabelCatalogue) -> LabelMap:
 
 def _parse_json_map(data, where: str, cat: LabelCatalogue) -> LabelMap:
     ids, ignored = {}, {}
+    by_name = isinstance(data, dict) and data and all(
+        not str(k).strip().isdigit() and isinstance(v, int) for k, v in data.items())
+    if by_name:  # {"spleen": 1, ...}: name -> value, like dataset.json's labels
+        data = {"labels": data}
     if isinstance(data, dict) and isinstance(data.get("labels"), dict):  # nnU-Net dataset.json: name -> value
         for name, v in data["labels"].items():
             v = _value(v, f"label map {where}, label {name!r}")
@@ -441,7 +446,7 @@ class Evaluation:
         paths = {}
         for name, rows in (("cases", self.cases), ("structures", self.structures), ("regions", self.regions),
                            ("skipped", self.skipped)):
-            text = _csv_text(rows)
+            text = _csv_text(rows, header=("case", "skipped", "reason"))
             paths[name] = _atomic(out / f"{name}.csv", lambda tmp, t=text: Path(tmp).write_text(t))
         md = self.to_markdown()
         paths["markdown"] = _atomic(out / "table1.md", lambda tmp: Path(tmp).write_text(md))
@@ -468,11 +473,10 @@ class Evaluation:
             raise InputError(f"cannot read an earlier evaluation from {p}: {type(e).__name__}: {e}") from e
 
 
-def _csv_text(rows: list[dict]) -> str:
+def _csv_text(rows: list[dict], header: Sequence[str] = ()) -> str:
     buf = io.StringIO()
-    if not rows:
-        return ""
-    w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")
+    fields = list(rows[0].keys()) if rows else list(header)
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if v is None else round(v, 6) if isinstance(v, float) else v) for k, v in r.items()})
