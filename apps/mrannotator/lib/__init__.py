@@ -1,0 +1,1 @@
+"""MRAnnotator MONAI Label app: a thin adapter over the ``mrannotator`` engine."""

@@ -1,0 +1,140 @@
+"""MRAnnotator as a MONAI Label app (0.8.5): a thin adapter over the ``mrannotator`` engine.
+
+    monailabel start_server --app apps/mrannotator --studies STUDIES [--conf weights demo] [--conf device cpu]
+
+- infer ``mrannotator``: every served region model, merged in the catalogue's label space; and
+  ``mrannotator_<region>`` per region model (lib/infers/segment.py)
+- train ``mrannotator``: nnU-Net fine-tuning from the served checkpoints (lib/trainers/finetune.py)
+- strategies ``random``, ``first``, ``uncertainty`` (lib/activelearning); scoring ``dice`` (lib/scoring)
+- every image id, label, tag and model name is checked before MONAI Label acts on it
+  (lib/datastore.py and :meth:`MRAnnotatorApp.infer`): bad input gets a 4xx with a message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from fastapi import HTTPException
+from lib.configs.mrannotator import MRAnnotatorConfig
+from lib.datastore import MRAnnotatorDatastore, check_name
+from lib.errors import not_found, server_error
+from lib.service import CONF_OPTIONS, AppSettings, ModelService
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+
+import mrannotator
+from mrannotator.catalogue import load_catalogue
+from mrannotator.errors import MRAnnotatorError
+
+logger = logging.getLogger(__name__)
+
+
+class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp as a direct base
+    def __init__(self, app_dir, studies, conf):
+        try:
+            self.settings = AppSettings.from_conf(conf, app_dir)
+            self.service = ModelService(self.settings)
+        except (ValueError, MRAnnotatorError) as e:
+            raise MONAILabelException(MONAILabelError.APP_INIT_ERROR, f"MRAnnotator: {e}") from e
+        self.task_config = MRAnnotatorConfig()
+        self.task_config.init("mrannotator", str(self.settings.model_dir), conf, None, service=self.service)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="MRAnnotator",
+            description="MRI multi-structure segmentation (nnU-Net v2 region models, label catalogue ids)",
+            version=mrannotator.__version__,
+        )
+
+    # ------------------------------------------------------------ tasks
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        served = {s.id for s in self.service.segmenter().structures}
+        catalogue = {s.id for s in load_catalogue()}
+        return MRAnnotatorDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            allowed_label_ids=lambda: served | catalogue,
+        )
+
+    def init_infers(self):
+        return self.task_config.infer()
+
+    def init_trainers(self):
+        return {self.task_config.name: self.task_config.trainer()}
+
+    def init_strategies(self):
+        return self.task_config.strategy()
+
+    def init_scoring_methods(self):
+        return self.task_config.scoring_method()
+
+    def info(self):
+        meta = super().info()
+        meta["mrannotator"] = {**self.service.describe(), "conf_options": CONF_OPTIONS}
+        return meta
+
+    # ------------------------------------------------------------ requests, checked first
+    def _uploaded(self, path: str) -> bool:
+        """A file the infer endpoint itself wrote from an upload (``file=``) or a session's image."""
+        p = Path(path)
+        if p.parent == Path(tempfile.gettempdir()) and p.name.startswith("tmp") and p.is_file():
+            return True
+        sessions = self.sessions()
+        store = getattr(sessions, "store_path", None)
+        return bool(store) and p.resolve().is_relative_to(Path(store).resolve()) and p.exists()
+
+    def infer(self, request, datastore=None):
+        model = request.get("model")
+        if model not in self._infers:
+            raise not_found(f"model {model!r} is not served here; served models: {', '.join(self._infers)}")
+        if request.get("label_tag"):
+            check_name(str(request["label_tag"]), "label tag")
+        ds = datastore or self.datastore()
+        image = request.get("image")
+        if isinstance(image, str) and isinstance(ds, MRAnnotatorDatastore):
+            if image in ds.list_images():
+                request = {**request, "image_id": image}
+            elif not self._uploaded(image):  # MONAI Label would read any path on the server
+                raise not_found(f"image {image!r} is not in the datastore")
+        try:
+            return super().infer(request, datastore)
+        except HTTPException:
+            raise
+        except Exception as e:
+            logger.exception(f"inference with {model} on {image!r} failed")
+            raise server_error(f"inference with {model} on {image!r} failed: {type(e).__name__}: {e}") from e
+
+    def next_sample(self, request):
+        strategy = request.get("strategy") or "random"
+        task = self._strategies.get(strategy)
+        if task is None:
+            raise not_found(f"strategy {strategy!r} does not exist; choose from {', '.join(self._strategies)}")
+        result = task(request, self.datastore())  # no scoring run per hand-out (MONAI Label starts one each time)
+        if not result or not result.get("id"):
+            return {}
+        result["path"] = self._datastore.get_image_uri(result["id"])
+        return result
+
+    def scoring(self, request, datastore=None):
+        if request.get("method") not in self._scoring_methods:
+            raise not_found(f"scoring method {request.get('method')!r} does not exist; "
+                            f"choose from {', '.join(self._scoring_methods)}")
+        return super().scoring(request, datastore)
+
+    def train(self, request):
+        if request.get("model") not in self._trainers:
+            raise not_found(f"trainer {request.get('model')!r} does not exist; choose from {', '.join(self._trainers)}")
+        return super().train(request)
+
+
+# MONAI Label runs train/scoring subprocesses with this app dir on PYTHONPATH; keep torch polite there too
+os.environ.setdefault("nnUNet_n_proc_DA", "0")

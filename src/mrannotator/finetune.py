@@ -1,0 +1,319 @@
+"""Fine-tune one nnU-Net region model on corrected labels, with nnU-Net's own pipeline, on the CPU.
+
+    from mrannotator.finetune import Case, finetune
+    result = finetune(model_folder, [Case("a", image, labels), ...], dest, epochs=3, iterations=10)
+    result.checkpoint          # a slim checkpoint, published into ``dest`` only once training finished
+    result.epochs              # per-epoch train/validation loss and validation (pseudo) Dice per class
+
+What it does, in nnU-Net's terms (the same steps as ``models/make_demo_weights.py``, minus planning):
+
+1. every case is brought losslessly to the model's orientation (as the engine does before predicting),
+   its catalogue-id labels are mapped to the model's dataset.json values, and both are written as an
+   nnU-Net raw dataset;
+2. nnU-Net's ``DefaultPreprocessor`` preprocesses them with the model's own ``plans.json`` (same
+   resampling, normalisation and intensity statistics as the pretrained model saw), in this process;
+3. a subclass of ``nnUNetTrainerNoMirroring`` that only shortens the schedule starts from the current
+   checkpoint's weights and trains ``epochs`` x ``iterations`` steps (fold ``all``: the submitted cases
+   are also the validation cases, so the per-epoch Dice is a pseudo Dice on them);
+4. the network weights are exported as a slim checkpoint (weights, trainer name, init args, no
+   mirroring) that ``nnUNetPredictor`` loads, and copied with dataset.json/plans.json into ``dest``
+   atomically. A run that fails or is killed publishes nothing, so the previous checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .errors import InputError, MRAnnotatorError
+from .imageio import load_image, save_json
+from .orientation import reorient_to
+from .weights import CHECKPOINT, FOLD, ModelFolder, read_model_folder
+
+BASE_TRAINER = "nnUNetTrainerNoMirroring"
+CONFIGURATION = "3d_fullres"
+
+
+class FinetuneError(MRAnnotatorError):
+    """Fine-tuning could not run (no usable cases, labels that do not fit, nnU-Net failed)."""
+
+    exit_code = 4
+
+
+@dataclass
+class Case:
+    """One training case: an image and its label volume of catalogue ids on the same grid."""
+
+    name: str
+    image: object  # path, nibabel or SimpleITK image (anything load_image reads)
+    labels: object  # same, uint8 catalogue ids
+
+
+@dataclass
+class FinetuneResult:
+    model: str  # dataset name
+    checkpoint: Path  # the published checkpoint
+    folder: Path  # the published trained-model folder
+    epochs: list[dict] = field(default_factory=list)
+    cases: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "checkpoint": str(self.checkpoint),
+            "folder": str(self.folder),
+            "epochs": self.epochs,
+            "cases": self.cases,
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def model_label_lut(catalogue_to_model: dict[int, int]) -> np.ndarray:
+    """Lookup table catalogue id -> model label value; structures the model lacks become background."""
+    lut = np.zeros(256, np.uint8)
+    for cid, value in catalogue_to_model.items():
+        lut[int(cid)] = int(value)
+    return lut
+
+
+@contextlib.contextmanager
+def _nnunet_paths(work: Path):
+    """nnU-Net reads its folders from the environment at use time (nnunetv2.paths._EnvPath)."""
+    keys = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+    old = {k: os.environ.get(k) for k in keys}
+    for k in keys:
+        (work / k).mkdir(parents=True, exist_ok=True)
+        os.environ[k] = str(work / k)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def prepare_dataset(model: ModelFolder, cases: Sequence[Case], catalogue_to_model: dict[int, int],
+                    work: Path) -> tuple[Path, list[str]]:
+    """Raw dataset (model orientation, model label values) and nnU-Net preprocessing with the model's plans.
+
+    Returns the preprocessed dataset folder and the case identifiers. Must run inside ``_nnunet_paths``.
+    """
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = json.loads((model.path / "plans.json").read_text())
+    dataset_json = json.loads((model.path / "dataset.json").read_text())
+    dataset_name = plans["dataset_name"]
+    raw = Path(os.environ["nnUNet_raw"]) / dataset_name
+    pre = Path(os.environ["nnUNet_preprocessed"]) / dataset_name
+    for d in (raw / "imagesTr", raw / "labelsTr", pre):
+        d.mkdir(parents=True, exist_ok=True)
+    lut = model_label_lut(catalogue_to_model)
+    names = []
+    for case in cases:
+        img = load_image(case.image)
+        lab = load_image(case.labels)
+        if lab.shape != img.shape or not np.allclose(lab.affine, img.affine, atol=1e-3):
+            raise InputError(f"case {case.name}: the label volume {lab.shape} is not on the image grid {img.shape}")
+        data = np.asanyarray(lab.dataobj)
+        if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
+            raise InputError(f"case {case.name}: label values must be whole numbers (catalogue ids)")
+        if data.min() < 0 or data.max() > 255:
+            raise InputError(f"case {case.name}: label values must be catalogue ids 0-255")
+        axcodes = tuple(model.orientation)
+        arr, aff, _ = reorient_to(np.asanyarray(img.dataobj), img.affine, axcodes)
+        seg, _, _ = reorient_to(lut[data.astype(np.uint8)], lab.affine, axcodes)
+        name = f"case{len(names):03d}"
+        nib.save(nib.Nifti1Image(arr, aff), raw / "imagesTr" / f"{name}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(seg.astype(np.uint8), aff), raw / "labelsTr" / f"{name}.nii.gz")
+        names.append(name)
+    if not names:
+        raise FinetuneError(f"{model.dataset}: no case to fine-tune on")
+    dataset_json = {**dataset_json, "numTraining": len(names)}
+    save_json(dataset_json, raw / "dataset.json")
+    save_json(dataset_json, pre / "dataset.json")
+    save_json(plans, pre / "nnUNetPlans.json")
+    fingerprint = model.path / "dataset_fingerprint.json"
+    if fingerprint.is_file():
+        shutil.copy(fingerprint, pre / "dataset_fingerprint.json")
+    else:  # the trainer copies it next to its output; preprocessing itself reads the plans only
+        save_json({}, pre / "dataset_fingerprint.json")
+
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(CONFIGURATION)
+    out = pre / cm.data_identifier
+    out.mkdir(exist_ok=True)
+    preprocessor = DefaultPreprocessor(verbose=False)
+    with contextlib.redirect_stdout(io.StringIO()):
+        for name in names:  # in-process: nnU-Net's worker pool is not needed for a handful of cases
+            preprocessor.run_case_save(str(out / name), [str(raw / "imagesTr" / f"{name}_0000.nii.gz")],
+                                       str(raw / "labelsTr" / f"{name}.nii.gz"), pm, cm, dataset_json)
+    return pre, names
+
+
+def make_trainer_class(epochs: int, iterations: int, val_iterations: int, learning_rate: float,
+                       on_epoch: Callable[[dict], None] | None = None):
+    """nnUNetTrainerNoMirroring with a short schedule and a per-epoch report (same network, loss, augmentation)."""
+    from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import (
+        nnUNetTrainerNoMirroring,
+    )
+
+    class nnUNetTrainerNoMirroringFinetune(nnUNetTrainerNoMirroring):  # noqa: N801 (nnU-Net naming)
+        def __init__(self, plans, configuration, fold, dataset_json, device=None):
+            import torch
+
+            super().__init__(plans, configuration, fold, dataset_json, device or torch.device("cpu"))
+            self.num_epochs = epochs
+            self.num_iterations_per_epoch = iterations
+            self.num_val_iterations_per_epoch = val_iterations
+            self.initial_lr = learning_rate
+            self.disable_checkpointing = True  # we export the weights ourselves, once, at the end
+
+        def on_epoch_end(self):
+            log = self.logger
+            dice = [float(x) for x in log.get_value("dice_per_class_or_region", step=-1)]
+            row = {
+                "epoch": int(self.current_epoch) + 1,
+                "train_loss": round(float(log.get_value("train_losses", step=-1)), 4),
+                "val_loss": round(float(log.get_value("val_losses", step=-1)), 4),
+                "val_dice_per_class": [round(d, 4) if np.isfinite(d) else None for d in dice],
+                "val_mean_dice": round(float(np.nanmean(dice)), 4) if np.isfinite(dice).any() else None,
+            }
+            super().on_epoch_end()
+            if on_epoch:
+                on_epoch(row)
+
+    return nnUNetTrainerNoMirroringFinetune
+
+
+def _seed(seed: int | None) -> None:
+    import torch
+
+    if seed is None:
+        return
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def finetune(
+    model: ModelFolder,
+    cases: Sequence[Case],
+    dest: Path,
+    catalogue_to_model: dict[int, int],
+    epochs: int = 3,
+    iterations: int = 10,
+    val_iterations: int = 2,
+    learning_rate: float = 1e-3,
+    device: str = "cpu",
+    seed: int | None = 0,
+    work: Path | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``model`` from its current checkpoint on ``cases`` and publish the result into ``dest``.
+
+    ``dest`` becomes a trained-model folder (``DatasetXXX_Name/TRAINER__PLANS__3d_fullres``, like the
+    release); its checkpoint is replaced atomically only after training ended normally.
+    """
+    import torch
+
+    if epochs < 1 or iterations < 1 or val_iterations < 1:
+        raise FinetuneError("epochs, iterations and validation iterations must be at least 1")
+    if not cases:
+        raise FinetuneError(f"{model.dataset}: no case to fine-tune on")
+    t0 = time.perf_counter()
+    # single-process data loading (nnU-Net reads this at use time); no worker pool in a server subprocess
+    os.environ.setdefault("nnUNet_n_proc_DA", "0")
+    own_work = work is None
+    work = Path(tempfile.mkdtemp(prefix="mra-finetune-")) if own_work else Path(work)
+    rows: list[dict] = []
+
+    def report(row: dict) -> None:
+        rows.append(row)
+        if on_epoch:
+            on_epoch(row)
+
+    try:
+        with _nnunet_paths(work):
+            pre, names = prepare_dataset(model, cases, catalogue_to_model, work)
+            plans = json.loads((pre / "nnUNetPlans.json").read_text())
+            plans["continue_training"] = False  # nnU-Net 2.8 pops this flag from the plans it is given
+            dataset_json = json.loads((pre / "dataset.json").read_text())
+            cls = make_trainer_class(epochs, iterations, val_iterations, learning_rate, report)
+            _seed(seed)
+            dev = torch.device("cuda" if device.startswith("cuda") and torch.cuda.is_available() else "cpu")
+            with contextlib.redirect_stdout(io.StringIO()) as log:
+                trainer = cls(plans, CONFIGURATION, "all", dataset_json, dev)
+                trainer.initialize()
+                # every weight, segmentation heads included (nnU-Net's load_pretrained_weights skips those)
+                ckpt = torch.load(model.checkpoint, map_location="cpu", weights_only=False)
+                getattr(trainer.network, "_orig_mod", trainer.network).load_state_dict(ckpt["network_weights"])
+                try:
+                    trainer.run_training()
+                except Exception as e:
+                    raise FinetuneError(f"{model.dataset}: nnU-Net training failed: {type(e).__name__}: {e}\n"
+                                        f"{log.getvalue()[-2000:]}") from e
+            network = getattr(trainer.network, "_orig_mod", trainer.network)
+            weights = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+        checkpoint = export_checkpoint(model, weights, dest, {
+            "trained_with": f"{cls.__name__} (fine-tune: {epochs} epochs x {iterations} iterations, "
+                            f"lr {learning_rate}, {dev.type})",
+            "started_from": str(model.checkpoint),
+            "cases": len(names),
+            "epochs": rows,
+        })
+    finally:
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+    return FinetuneResult(model=model.dataset, checkpoint=checkpoint, folder=checkpoint.parent.parent,
+                          epochs=rows, cases=[c.name for c in cases], seconds=time.perf_counter() - t0)
+
+
+def export_checkpoint(model: ModelFolder, network_weights: dict, dest: Path, provenance: dict) -> Path:
+    """Write a slim checkpoint and the model's dataset.json/plans.json into ``dest``; the checkpoint last.
+
+    The checkpoint names ``nnUNetTrainerNoMirroring`` (identical network and inference), so the
+    predictor needs no custom trainer class to load it. Returns the published checkpoint path.
+    """
+    import torch
+
+    dest = Path(dest)
+    fold = dest / f"fold_{FOLD}"
+    fold.mkdir(parents=True, exist_ok=True)
+    for f in ("dataset.json", "plans.json"):
+        if not (dest / f).is_file():
+            shutil.copy2(model.path / f, dest / f)
+    slim = {
+        "network_weights": network_weights,
+        "trainer_name": BASE_TRAINER,
+        "init_args": {"configuration": CONFIGURATION, "fold": FOLD},
+        "inference_allowed_mirroring_axes": None,
+        "current_epoch": len(provenance.get("epochs", [])),
+        "mrannotator_finetune": provenance,
+    }
+    target = fold / CHECKPOINT
+    fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT}.", dir=fold)
+    os.close(fd)
+    try:
+        torch.save(slim, tmp)
+        os.replace(tmp, target)  # atomic: a reader sees the old or the new checkpoint, never half of one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    read_model_folder(dest)  # the published folder must load like a release
+    return target
