@@ -245,7 +245,8 @@ def test_cli_on_real_mr_reports_what_it_skipped(tmp_path, real_seg, capsys):
     assert "different grids" in reasons[("cropped", "case")] and "resample" in reasons[("cropped", "case")]
     assert "77" in reasons[("case01", "truth label 77")] and "unknown" in reasons[("case01", "truth label 77")]
     assert "vertebrae" in reasons[("case01", "truth label 19")]
-    assert "skipped cropped" in captured.err and "different grids" in captured.err
+    assert "skipped cropped: prediction and truth are on different grids" in captured.err
+    assert "in the truth is unknown" in captured.err and "(1 case: case01; 3 voxels)" in captured.err
     md = (out / "table1.md").read_text()
     assert "## Skipped" in md and "lonely" in md and "| Liver | 1 |" in md
     # the CSV holds the same table the Python API returns

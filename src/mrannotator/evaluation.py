@@ -310,14 +310,15 @@ def evaluate_case(pred, truth, *, truth_labels: LabelMap | str | Path | None = N
                                                                             pred_labels or ident)):
         ids, ignored, unknown = _to_ids(data, lmap)
         mapped[side] = ids
+        flag = "--truth-labels" if side == "truth" else "--pred-labels"
         for v, n in sorted(unknown.items()):
-            notes.append({"case": case, "skipped": f"{side} label {v}", "reason": (
-                f"label value {v} ({n} voxels) in the {side} is unknown: not in {lmap.source}; its voxels count "
-                "as background (give a label map with --" + ("truth" if side == "truth" else "pred") + "-labels)")})
+            notes.append({"case": case, "skipped": f"{side} label {v}", "voxels": n, "reason": (
+                f"label value {v} in the {side} is unknown: not in {lmap.source}; its voxels count as background "
+                f"(give a label map with {flag})")})
         for v, n in sorted(ignored.items()):
-            notes.append({"case": case, "skipped": f"{side} label {v}", "reason": (
-                f"label value {v} ({lmap.describe(v)}, {n} voxels) in the {side} has no catalogue structure in "
-                f"{lmap.source}; ignored")})
+            notes.append({"case": case, "skipped": f"{side} label {v}", "voxels": n, "reason": (
+                f"label value {v} ({lmap.describe(v)}) in the {side} has no catalogue structure in {lmap.source}; "
+                "ignored")})
     spacing = voxel_spacing(truth_img.affine)
     rows = measure_structures(mapped["prediction"], mapped["truth"], spacing, structures)
     for r in rows:
@@ -428,7 +429,7 @@ class Evaluation:
     cases: list[dict]  # one row per case and structure measured
     structures: list[dict]  # per structure summary
     regions: list[dict]  # per region, then the overall row
-    skipped: list[dict]  # {"case", "skipped", "reason"}: what was left out, and why
+    skipped: list[dict]  # {"case", "skipped" ("case" or "<side> label <v>"), "voxels", "reason"}
     settings: dict = field(default_factory=dict)
 
     @property
@@ -446,7 +447,7 @@ class Evaluation:
         paths = {}
         for name, rows in (("cases", self.cases), ("structures", self.structures), ("regions", self.regions),
                            ("skipped", self.skipped)):
-            text = _csv_text(rows, header=("case", "skipped", "reason"))
+            text = _csv_text(rows, header=("case", "skipped", "voxels", "reason"))
             paths[name] = _atomic(out / f"{name}.csv", lambda tmp, t=text: Path(tmp).write_text(t))
         md = self.to_markdown()
         paths["markdown"] = _atomic(out / "table1.md", lambda tmp: Path(tmp).write_text(md))
@@ -500,6 +501,21 @@ def _f(x, fmt=".3f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def skipped_summary(skipped: list[dict], show: int = 5) -> list[str]:
+    """One line per skipped case, one per label value left out (with the cases it was in)."""
+    lines = [k["reason"] if k["reason"].startswith(f"{k['case']}: ") else f"{k['case']}: {k['reason']}"
+             for k in skipped if k["skipped"] == "case"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for k in skipped:
+        if k["skipped"] != "case":
+            groups.setdefault((k["skipped"], k["reason"]), []).append(k)
+    for (_, reason), ks in groups.items():
+        cases = ", ".join(k["case"] for k in ks[:show]) + (", ..." if len(ks) > show else "")
+        voxels = sum(k.get("voxels") or 0 for k in ks)
+        lines.append(f"{reason} ({len(ks)} case{'s' if len(ks) > 1 else ''}: {cases}; {voxels} voxels)")
+    return lines
+
+
 def report_markdown(ev: Evaluation) -> str:
     """The paper's Table 1 (Dice by region, overall), then per structure by region, then what was skipped."""
     s = ev.settings
@@ -548,7 +564,7 @@ def report_markdown(ev: Evaluation) -> str:
               "(\"bootstrap\"); \"constant\": all values equal; \"none\": fewer than 3 values.", ""]
     lines += ["## Skipped", ""]
     if ev.skipped:
-        lines += [f"- {k['case']}: {k['skipped']}: {k['reason']}" for k in ev.skipped]
+        lines += [f"- {line}" for line in skipped_summary(ev.skipped)]
     else:
         lines.append("Nothing: every case had its pair, matching grids and known label values.")
     lines.append("")
@@ -656,15 +672,16 @@ def pair_cases(pred_dir: str | Path, truth_dir: str | Path) -> tuple[list[tuple[
     for case, t in truths.items():
         key = case if case in preds else f"{case}_seg" if f"{case}_seg" in preds else None
         if key is None:
-            skipped.append({"case": case, "skipped": "case", "reason": f"no prediction for the truth {t.name} in "
-                            f"{pred_dir} (predictions pair by file name: {case}.nii.gz or {case}_seg.nii.gz)"})
+            reason = (f"no prediction for the truth {t.name} in {pred_dir} (predictions pair by file name: "
+                      f"{case}.nii.gz or {case}_seg.nii.gz)")
+            skipped.append({"case": case, "skipped": "case", "voxels": None, "reason": reason})
             continue
         used.add(key)
         pairs.append((case, preds[key], t))
     for key, p in preds.items():
         if key not in used:
-            skipped.append({"case": key, "skipped": "case", "reason": f"no truth for the prediction {p.name} in "
-                            f"{truth_dir}"})
+            reason = f"no truth for the prediction {p.name} in {truth_dir}"
+            skipped.append({"case": key, "skipped": "case", "voxels": None, "reason": reason})
     return pairs, skipped
 
 
@@ -692,7 +709,7 @@ def evaluate_pairs(pairs: Iterable[tuple[str, object, object]], *, set_name: str
             case_rows, notes = evaluate_case(pred, truth, truth_labels=tmap, pred_labels=pmap, structures=ids,
                                              case=case, catalogue=cat)
         except InputError as e:
-            skipped.append({"case": case, "skipped": "case", "reason": str(e)})
+            skipped.append({"case": case, "skipped": "case", "voxels": None, "reason": str(e)})
             continue
         rows += case_rows
         skipped += notes
@@ -744,8 +761,8 @@ def cmd_evaluate(args) -> int:
     for r in ev.regions:
         print(f"{_region_title(r['region']):<16s} {r['structures']:>10d} {r['cases']:>6d}  "
               f"{format_ci(r['dice_mean'], r['dice_ci_low'], r['dice_ci_high'])} [{r['ci_method']}]")
-    for k in ev.skipped:
-        print(f"mrannotator: skipped {k['case']}: {k['skipped']}: {k['reason']}", file=sys.stderr)
+    for line in skipped_summary(ev.skipped):
+        print(f"mrannotator: skipped {line}", file=sys.stderr)
     print(f"{ev.n_cases} cases evaluated; report: {paths['markdown']}; tables: "
           f"{', '.join(str(paths[k]) for k in ('cases', 'structures', 'regions'))}"
           + (f"; figure: {paths['figure']}" if "figure" in paths else "")
