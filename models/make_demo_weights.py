@@ -173,6 +173,9 @@ def train(did: int, epochs: int) -> Path:
     plans["continue_training"] = False
     cls = make_trainer_class(epochs)
     torch.manual_seed(did)
+    # one intra-op thread: on a shared 2-core machine a second thread waiting at every parallel
+    # region's barrier made epochs 3x slower; set MRA_TRAIN_THREADS on a dedicated machine
+    torch.set_num_threads(int(os.environ.get("MRA_TRAIN_THREADS", "1")))
     trainer = cls(plans, "3d_fullres", 0, dj, torch.device("cpu"))
     t0 = time.time()
     trainer.run_training()

@@ -12,7 +12,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .errors import InputError, MRAnnotatorError
+from .errors import MRAnnotatorError
 from .evaluation import add_cli as add_evaluate_cli
 
 
@@ -46,17 +46,18 @@ def write_outputs(result, out_dir: Path, case: str, source: str) -> tuple[Path, 
 
 def cmd_segment(args) -> int:
     from .engine import Segmenter
+    from .imageio import load_image
 
     progress = _Progress(args.quiet)
     src = Path(args.input)
-    if not src.exists():
-        raise InputError(f"input not found: {src}")
+    image = load_image(src)  # bad input fails here, before minutes of model loading
+    progress(f"read {src}: {image.shape} voxels")
     progress("loading models")
     seg = Segmenter(weights=args.weights, device=args.device, threads=args.threads,
                     tile_step_size=args.step_size, regions=args.regions)
     progress(f"weights: {seg.weights.source} ({seg.weights.root}); models: "
              f"{', '.join(m.dataset for m in seg.models)}")
-    result = seg.segment(src, structures=args.structures, progress=progress)
+    result = seg.segment(image, structures=args.structures, progress=progress)
     seg_path, json_path = write_outputs(result, Path(args.output), _case_name(src), str(src))
     progress(f"{len(result.structures)} structures found in {result.seconds:.1f} s -> {seg_path}, {json_path}")
     if not args.quiet:

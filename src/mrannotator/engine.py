@@ -32,6 +32,7 @@ from .catalogue import FIRST_UNCATALOGUED_ID, LabelCatalogue, Structure, load_ca
 from .errors import InputError, WeightsError
 from .imageio import load_image
 from .orientation import reorient_to, voxel_spacing
+from .performance import precision, tune_allocator
 from .weights import ModelFolder, Weights, load_weights
 
 # Region names a user may give, beyond the catalogue's own regions.
@@ -136,15 +137,20 @@ class Segmenter:
         tile_step_size: float = 0.5,
         regions: Iterable[str] | None = None,
         catalogue: LabelCatalogue | None = None,
+        mode: str = "exact",
+        skip_absent_regions: bool = False,
     ):
         import torch
 
+        tune_allocator()  # exact: only keeps freed activation buffers in the process (see performance.py)
         self.catalogue = catalogue or load_catalogue()
         self.weights = weights if isinstance(weights, Weights) else load_weights(weights)
         self.device = pick_device(device)
         if threads:
             torch.set_num_threads(int(threads))
         self.tile_step_size = float(tile_step_size)
+        self.mode, self._autocast = precision(mode, self.device)
+        self.skip_absent_regions = bool(skip_absent_regions)
         wanted = expand_regions(regions)
         self.models: list[RegionModel] = []
         next_id = FIRST_UNCATALOGUED_ID
@@ -208,10 +214,15 @@ class Segmenter:
         overlaps = 0
         probs_out: dict[int, np.ndarray] | None = {} if probabilities else None
         need_probs = probabilities or len(models) > 1
+        skipped = []
         for m in models:
-            say(f"{m.dataset}: predicting ({len(m.structures)} structures)")
             arr, aff, reo = reorient_to(data, img.affine, tuple(m.folder.orientation))
-            seg, probs = self._predict(m, arr, aff, need_probs)
+            check = self.skip_absent_regions and len(models) > 1
+            out = self._predict(m, arr, aff, need_probs, check, say)
+            if out is None:
+                skipped.append(m.dataset)
+                continue
+            seg, probs = out
             # back to the input grid (exact permutation/flip), then catalogue ids
             seg = reo.restore(seg)
             ids = m.lut()[seg]
@@ -234,6 +245,8 @@ class Segmenter:
             take = fg & ((merged == 0) | (conf > best))
             merged[take] = ids[take]
             best[take] = conf[take]
+        if merged is None:  # every model's presence check came back empty
+            merged = np.zeros(data.shape, np.uint8)
         merged = merged.astype(np.uint8)
         present = set(np.unique(merged).tolist()) - {0}
         by_id = {s.id: s for m in models for s in m.structures.values()}
@@ -245,10 +258,12 @@ class Segmenter:
             labels=out,
             structures=[by_id[i] for i in sorted(present)],
             weights=self.weights.describe(),
-            models_run=[m.dataset for m in models],
+            models_run=[m.dataset for m in models if m.dataset not in skipped],
+            mode=self.mode,
             probabilities=probs_out,
             overlaps=overlaps,
             seconds=time.perf_counter() - t0,
+            extra={"skipped_absent": skipped} if self.skip_absent_regions else {},
         )
 
     # ---------------------------------------------------------------- internals
@@ -278,16 +293,64 @@ class Segmenter:
             ids.add(s.id)
         return ids
 
-    def _predict(self, m: RegionModel, arr: np.ndarray, affine: np.ndarray, with_probs: bool):
-        """nnU-Net on a volume in the model's orientation: labels (model values) and probabilities."""
+    def _predict(self, m: RegionModel, arr: np.ndarray, affine: np.ndarray, with_probs: bool,
+                 presence_check: bool = False, say: Callable[[str], None] = lambda msg: None):
+        """nnU-Net on a volume in the model's orientation: (labels as model values, probabilities or None).
+
+        The steps of ``nnUNetPredictor.predict_single_npy_array``, in the same order with the same
+        functions, so labels equal stock nnU-Net's; split up so that the preprocessed volume can serve a
+        presence check first. Returns None when that check finds none of the model's structures.
+        """
+        import torch
+        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+        pred = m.predictor
         # nnU-Net's SimpleITK reader order: (z, y, x) with the spacing reversed; one channel
         x = arr.transpose(2, 1, 0)[None]
         props = {"spacing": list(voxel_spacing(affine))[::-1]}
-        out = m.predictor.predict_single_npy_array(x, props, None, None, with_probs)
+        pp = pred.configuration_manager.preprocessor_class(verbose=False)
+        data, _, props = pp.run_case_npy(x, None, props, pred.plans_manager, pred.configuration_manager,
+                                         pred.dataset_json)
+        data = torch.from_numpy(data)
+        if presence_check and not self._present(m, data):
+            say(f"{m.dataset}: none of its structures found by the low-resolution check, skipped")
+            return None
+        say(f"{m.dataset}: predicting ({len(m.structures)} structures, {self.mode})")
+        with self._autocast:
+            logits = pred.predict_logits_from_preprocessed_data(data).cpu()
+        out = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits, pred.plans_manager, pred.configuration_manager, pred.label_manager, props,
+            return_probabilities=with_probs,
+        )
         if with_probs:
             seg, probs = out
             return seg.transpose(2, 1, 0), probs.transpose(0, 3, 2, 1).astype(np.float32, copy=False)
         return out.transpose(2, 1, 0), None
+
+    def _present(self, m: RegionModel, data) -> bool:
+        """Cheap check: one network pass over the preprocessed volume at half resolution.
+
+        True if any voxel gets a foreground class. Deliberately permissive (a false alarm only costs the
+        full pass), so that skipping never drops a structure the full-resolution pass would find.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        net = m.predictor.network
+        strides = np.prod(np.asarray(m.predictor.configuration_manager.pool_op_kernel_sizes), axis=0)
+        x = data[None].float()
+        spatial = x.shape[2:]
+        # halve only axes that stay at least one patch-stride deep
+        factors = [2 if n >= 2 * s else 1 for n, s in zip(spatial, strides, strict=True)]
+        x = F.avg_pool3d(x, kernel_size=factors, stride=factors, ceil_mode=True)
+        pad = [(-n) % int(s) for n, s in zip(x.shape[2:], strides, strict=True)]
+        x = F.pad(x, [p for d in reversed(pad) for p in (0, d)])
+        net.eval()
+        with torch.inference_mode(), self._autocast:
+            out = net.to(self.device)(x.to(self.device))
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        return bool((out.argmax(1) > 0).any())
 
 
 def segment(image, **kwargs) -> Segmentation:

@@ -1,0 +1,61 @@
+"""Speed settings the engine applies by itself: allocator, precision.
+
+- Exact mode (default) changes nothing numerical. It only stops glibc from returning every large
+  activation buffer to the OS on free (``mallopt``: no mmap for big blocks, no trimming); measured on a
+  full-size nnU-Net on CPU, about 29 % of the time went to page faults without it. Labels stay identical.
+- Fast mode is opt-in: bf16 autocast on CPUs that support bf16 natively (AVX512-BF16 / AMX), fp16
+  autocast on CUDA, plain fp32 elsewhere. Labels may change where the top two class scores are close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import sys
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+@functools.cache
+def tune_allocator() -> bool:
+    """Keep freed large blocks in the process (glibc only); True if applied. Idempotent."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another libc: nothing to tune
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    ok = mallopt(_M_MMAP_MAX, 0) == 1
+    ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    return bool(ok)
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """Native bf16 matrix instructions on this CPU (bf16 autocast is slow without them)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def precision(mode: str, device) -> tuple[str, contextlib.AbstractContextManager]:
+    """(label for reports, autocast context) for ``mode`` ('exact' or 'fast') on ``device``."""
+    import torch
+
+    if mode == "exact":
+        return "exact", contextlib.nullcontext()
+    if mode != "fast":
+        raise ValueError(f"unknown mode {mode!r}: use 'exact' or 'fast'")
+    if device.type == "cuda":
+        return "fast (fp16)", torch.autocast("cuda", dtype=torch.float16)
+    if cpu_supports_bf16():
+        return "fast (bf16)", torch.autocast("cpu", dtype=torch.bfloat16)
+    return "fast (fp32: no native bf16 on this CPU)", contextlib.nullcontext()
