@@ -219,7 +219,7 @@ def finetune(
     epochs: int = 3,
     iterations: int = 10,
     val_iterations: int = 2,
-    learning_rate: float = 1e-3,
+    learning_rate: float = 1e-2,
     device: str = "cpu",
     seed: int | None = 0,
     work: Path | None = None,

@@ -72,10 +72,10 @@ class MRAnnotatorDatastore(LocalDatastore):
     def save_label(self, image_id, label_filename, label_tag, label_info):
         check_name(label_tag, "label tag")
         image_path = self.require_image(image_id)
-        try:
-            image = nib.load(image_path)  # header only: the grid the label must lie on
+        try:  # read fully: a label for an image that training cannot read would only fail later
+            image = load_image(image_path)
             shape, affine = image.shape[:3], image.affine
-        except Exception as e:
+        except InputError as e:
             raise unprocessable(f"image {image_id!r} cannot be read, so no label can be stored for it: {e}") from e
         label = read_volume(label_filename, f"label for {image_id!r}")
         if label.shape != tuple(shape):

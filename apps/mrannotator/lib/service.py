@@ -31,7 +31,7 @@ CONF_OPTIONS = {
     "epochs": "fine-tuning epochs per run (default 3)",
     "iterations": "training iterations per epoch (default 10)",
     "val_iterations": "validation iterations per epoch (default 2)",
-    "learning_rate": "initial learning rate of the fine-tuning (default 0.001, poly decay as nnU-Net)",
+    "learning_rate": "initial learning rate of the fine-tuning (default 0.01 as nnU-Net, poly decay)",
     "reserve_seconds": "how long an image handed out by a strategy is kept from other annotators (default 600)",
 }
 
@@ -74,7 +74,7 @@ class AppSettings:
     epochs: int = 3
     iterations: int = 10
     val_iterations: int = 2
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-2
     reserve_seconds: int = 600
 
     @classmethod
@@ -90,7 +90,7 @@ class AppSettings:
             epochs=_int(conf, "epochs", 3),
             iterations=_int(conf, "iterations", 10),
             val_iterations=_int(conf, "val_iterations", 2),
-            learning_rate=_float(conf, "learning_rate", 1e-3),
+            learning_rate=_float(conf, "learning_rate", 1e-2),
             reserve_seconds=_int(conf, "reserve_seconds", 600, minimum=0),
         )
 
