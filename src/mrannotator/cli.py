@@ -54,7 +54,8 @@ def cmd_segment(args) -> int:
     progress(f"read {src}: {image.shape} voxels")
     progress("loading models")
     seg = Segmenter(weights=args.weights, device=args.device, threads=args.threads,
-                    tile_step_size=args.step_size, regions=args.regions)
+                    tile_step_size=args.step_size, regions=args.regions, mode="fast" if args.fast else "exact",
+                    skip_absent_regions=args.skip_absent_regions)
     progress(f"weights: {seg.weights.source} ({seg.weights.root}); models: "
              f"{', '.join(m.dataset for m in seg.models)}")
     result = seg.segment(image, structures=args.structures, progress=progress)
@@ -106,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     s.add_argument("--step-size", type=float, default=0.5, help="sliding-window tile step (fraction of patch)")
     s.add_argument("--weights", default=None, help="weights folder (default: installed release, else demo)")
+    s.add_argument("--fast", action="store_true",
+                   help="bf16 (CPU with native bf16) / fp16 (CUDA): faster, labels may differ at close calls")
+    s.add_argument("--skip-absent-regions", action="store_true",
+                   help="skip a region model whose low-resolution check finds none of its structures")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_segment)
 
