@@ -46,6 +46,7 @@ class DICOMSegWriterOperator(Operator):
         os.close(fd)
         try:
             seg.save_as(tmp, enforce_file_format=True)
+            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a PACS forwarder may run as another user
             os.replace(tmp, self.output_folder / SEG_FILE)
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -73,6 +74,7 @@ class ResultsWriterOperator(Operator):
             "series_description": s.series_description,
             **s.result.summary(),
         }
-        save_nifti(s.result.labels, self.output_folder / LABELS_FILE)
-        save_json(report, self.output_folder / STATISTICS_FILE)
+        for path in (save_nifti(s.result.labels, self.output_folder / LABELS_FILE),
+                     save_json(report, self.output_folder / STATISTICS_FILE)):
+            os.chmod(path, 0o644)  # written through mkstemp (owner-only)
         logging.getLogger(__name__).info(f"labels and statistics -> {self.output_folder}")

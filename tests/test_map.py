@@ -90,13 +90,17 @@ def studies(tmp_path_factory, real_mr) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def app_runs(studies, demo_weights, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
-    """The app run once on each study (-i/-o/-m); results are shared by the tests below."""
+    """The app run once on each study (-i/-o/-m), two at a time; results are shared by the tests below."""
+    from concurrent.futures import ThreadPoolExecutor
+
     root = tmp_path_factory.mktemp("app_out")
-    runs = {}
-    for name, folder in studies.items():
+
+    def one(name):
         out = root / name
-        runs[name] = (run_app(["-i", str(folder), "-o", str(out), "-m", str(demo_weights)]), out)
-    return runs
+        return name, (run_app(["-i", str(studies[name]), "-o", str(out), "-m", str(demo_weights)]), out)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(one, studies))
 
 
 def engine_labels(segmenter, folder: Path) -> nib.Nifti1Image:
