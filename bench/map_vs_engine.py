@@ -5,7 +5,7 @@
 Both run as fresh processes (what a deployment pays per study): the app as `python operators -i DICOM
 -o OUT -m WEIGHTS` on a DICOM series written from ../shared/data/real_mr/example_mr_sm.nii.gz; the
 engine as `Segmenter(weights).segment(nifti)` on that NIfTI. Peak RSS is the child's ru_maxrss (wait4).
-Prints one markdown table row per run.
+Prints one markdown table row per run, then the medians.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,7 +54,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--weights", type=Path, default=ROOT / "models" / "demo")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     from mrannotator.dicom import write_series
 
@@ -64,17 +65,22 @@ def main() -> None:
           f"{args.weights}; device {args.device}; {os.cpu_count()} CPUs")
     print("| run | wall s | peak RSS MiB | inference s | structures |")
     print("|---|---|---|---|---|")
+    rows = {"app (`python operators`)": [], "engine alone (`Segmenter.segment`)": []}
     for i in range(args.repeat):
         out = work / f"out{i}"
         wall, rss, log = measure([sys.executable, str(ROOT / "operators"), "-i", str(work / "dicom"), "-o", str(out),
                                   "-m", str(args.weights)], env)
         m = re.search(r"(\d+) structures found in ([\d.]+) s", log)
-        print(f"| app (`python operators`) | {wall:.1f} | {rss:.0f} | {m.group(2) if m else '?'} | "
-              f"{m.group(1) if m else '?'} |", flush=True)
+        rows["app (`python operators`)"].append((wall, rss, float(m.group(2)), int(m.group(1))))
         wall, rss, log = measure([sys.executable, "-c", ENGINE, str(args.weights), args.device, str(REAL_MR)], env)
         r = json.loads(log.strip().splitlines()[-1])
-        print(f"| engine alone (`Segmenter.segment`) | {wall:.1f} | {rss:.0f} | {r['segment_s']:.1f} | "
-              f"{r['structures']} |", flush=True)
+        rows["engine alone (`Segmenter.segment`)"].append((wall, rss, r["segment_s"], r["structures"]))
+        for name, runs in rows.items():
+            w, m_, s_, n = runs[-1]
+            print(f"| {name}, run {i + 1} | {w:.1f} | {m_:.0f} | {s_:.1f} | {n} |", flush=True)
+    for name, runs in rows.items():
+        med = [statistics.median(col) for col in zip(*runs, strict=True)]
+        print(f"| **{name}, median of {len(runs)}** | {med[0]:.1f} | {med[1]:.0f} | {med[2]:.1f} | {runs[0][3]} |")
 
 
 if __name__ == "__main__":

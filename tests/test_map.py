@@ -68,7 +68,7 @@ def studies(tmp_path_factory, real_mr) -> dict[str, Path]:
         write_series(phantom(acq)[0], root / f"phantom_{acq}", series_description=f"T2 phantom {acq}")
         out[f"phantom_{acq}"] = root / f"phantom_{acq}"
 
-    # MR + CT study: the CT and a derived MR are larger than the MR, a localizer is there too
+    # MR + CT study: the CT and a derived MR are larger than the MR; a localizer and a smaller MR too
     mixed = root / "mr_ct"
     ph = make_phantom("abdomen", seed=8, orientation="LPS")
     img = np.asanyarray(ph.image.dataobj)
@@ -79,6 +79,8 @@ def studies(tmp_path_factory, real_mr) -> dict[str, Path]:
     write_series(big, mixed / "ct", modality="CT", series_number=2, series_description="CT abdomen", **common)
     write_series(big, mixed / "derived", series_number=4, series_description="T2 MPR",
                  image_type=("DERIVED", "SECONDARY", "MPR"), **common)
+    slab = nib.Nifti1Image(img[:, :, :12], ph.image.affine)  # a smaller 3D MR series: the larger one wins
+    write_series(slab, mixed / "slab", series_number=5, series_description="T1 slab", **common)
     loc = nib.Nifti1Image(img[:, :, 10:13], ph.image.affine)
     write_series(loc, mixed / "loc", series_number=1, series_description="3-plane loc",
                  image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), **common)
@@ -249,6 +251,7 @@ def test_mr_ct_study_segments_only_the_mr_series(app_runs, studies):
     assert stats["series_instance_uid"] == mr[0].SeriesInstanceUID
     log = r.stdout + r.stderr
     assert "modality CT" in log and "localizer" in log and "derived image" in log
+    assert log.count(": candidate") == 2 and "selected series 3 'T2 abdomen'" in log
 
 
 def test_study_without_mr_fails_clearly_and_writes_nothing(app_runs):
