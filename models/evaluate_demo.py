@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--generators", nargs="+", default=list(GENERATORS), choices=GENERATORS,
                     help="phantom generators to run (default: all six; the committed table needs all)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the cases already in WORK (from earlier runs with other --generators) and evaluate "
+                         "them together with these")
     args = ap.parse_args(argv)
 
     from mrannotator.engine import Segmenter
@@ -48,8 +51,9 @@ def main(argv=None) -> int:
 
     work = Path(args.work)
     for sub in ("pred", "truth"):
-        shutil.rmtree(work / sub, ignore_errors=True)
-        (work / sub).mkdir(parents=True)
+        if not args.keep:
+            shutil.rmtree(work / sub, ignore_errors=True)
+        (work / sub).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     seg = Segmenter(weights=args.weights, device=args.device)
     served = [s.name for s in seg.structures]
@@ -70,12 +74,13 @@ def main(argv=None) -> int:
         warnings.simplefilter("ignore")  # MONAI's notices about empty masks: those cases are reported as such
         ev = evaluate(work / "pred", work / "truth", structures=served,
                       set_name=f"held-out phantoms (seeds {SEED0}-{SEED0 + args.n - 1})")
+    done = sorted({p.name.split("_")[0] for p in (work / "truth").glob("*.nii.gz")}, key=GENERATORS.index)
     ev.settings["description"] = (
         f"Demo weights ({seg.weights.source}, {seg.weights.root.name}) on {args.n} held-out synthetic phantoms per "
-        f"generator ({', '.join(args.generators)}; seeds {SEED0}-{SEED0 + args.n - 1}, stored in "
-        f"{', '.join(ORIENTATIONS)} in turn), segmented with the region's model on {args.device} "
-        f"(mean {np.mean(seconds):.1f} s per case); made by `python models/evaluate_demo.py`. Synthetic data "
-        "measure the pipeline, not clinical accuracy."
+        f"generator ({', '.join(done)}; seeds {SEED0}-{SEED0 + args.n - 1}, stored in {', '.join(ORIENTATIONS)} in "
+        f"turn), segmented with the region's model on {args.device} (mean {np.mean(seconds):.1f} s per case in the "
+        "last run); made by `python models/evaluate_demo.py`. Synthetic data measure the pipeline, not clinical "
+        "accuracy."
     )
     ev.settings["structures"] = "those the demo models serve"
     paths = ev.write(work)
