@@ -109,7 +109,7 @@ def server(studies, demo_weights):
 
 def _status_of(call, *args):
     """HTTP status and message of a client call that is expected to fail."""
-    from monailabel.client import MONAILabelClientException
+    from monailabel.client.client import MONAILabelClientException
 
     with pytest.raises(MONAILabelClientException) as e:
         call(*args)
@@ -153,7 +153,7 @@ def test_info_lists_models_with_catalogue_labels_trainer_strategies_scoring(serv
     assert "mrannotator" in info["trainers"]
     assert {"random", "first", "uncertainty"} <= set(info["strategies"])
     assert "dice" in info["scoring"]
-    assert info["mrannotator"]["pretrained"]["source"] == "demo"
+    assert Path(info["mrannotator"]["pretrained"]["root"]).resolve() == demo_weights.resolve()
 
 
 # ---------------------------------------------------------------------------------------------- infer
@@ -228,11 +228,14 @@ def test_random_strategy_never_fails_when_everything_was_just_handed_out(server)
 
 
 def test_first_strategy_gives_two_annotators_different_images(server):
-    c = server["client"]
-    a = c.next_sample("first", {"client_id": "annotator-a"})["id"]
-    b = c.next_sample("first", {"client_id": "annotator-b"})["id"]
+    from monailabel.client import MONAILabelClient
+
+    url = f"http://127.0.0.1:{server['port']}"
+    annotator_a, annotator_b = (MONAILabelClient(url, client_id=who) for who in ("annotator-a", "annotator-b"))
+    a = annotator_a.next_sample("first", {})["id"]
+    b = annotator_b.next_sample("first", {})["id"]
     assert a != b
-    assert c.next_sample("first", {"client_id": "annotator-a"})["id"] == a
+    assert annotator_a.next_sample("first", {})["id"] == a  # the same annotator asking again keeps their image
 
 
 def test_uncertainty_strategy_returns_the_unlabeled_image_with_highest_entropy(server):

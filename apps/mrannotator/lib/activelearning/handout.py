@@ -16,11 +16,26 @@ from monailabel.interfaces.tasks.strategy import Strategy
 logger = logging.getLogger(__name__)
 
 
+HANDOUT_KEY = "mrannotator_handout"
+
+
 def last_handout(datastore: Datastore, image_id: str) -> tuple[float, str | None]:
-    """(time, client) of the latest hand-out of ``image_id`` by any strategy; (0, None) if never."""
-    records = datastore.get_image_info(image_id).get("strategy", {}) or {}
-    latest = max(records.values(), key=lambda r: r.get("ts", 0), default={})
+    """(time, client) of the latest hand-out of ``image_id``; (0, None) if never.
+
+    Our strategies record it themselves with sub-second time; the endpoint's own record (whole
+    seconds, one per strategy) is the fallback for hand-outs made by other strategies.
+    """
+    info = datastore.get_image_info(image_id)
+    records = list((info.get("strategy") or {}).values())
+    if info.get(HANDOUT_KEY):
+        records.append(info[HANDOUT_KEY])
+    latest = max(records, key=lambda r: float(r.get("ts", 0)), default={})
     return float(latest.get("ts", 0)), latest.get("client_id")
+
+
+def record_handout(datastore: Datastore, image_id: str, client: str | None) -> dict:
+    datastore.update_image_info(image_id, {HANDOUT_KEY: {"ts": time.time(), "client_id": client}})
+    return {"id": image_id}
 
 
 def free_for(datastore: Datastore, images: list[str], client: str | None, reserve_seconds: int) -> list[str]:
@@ -49,7 +64,7 @@ class RandomStrategy(Strategy):
         # weight = seconds since the last hand-out, plus one: never all zero (the built-in Random's 500)
         weights = [max(0.0, now - last_handout(datastore, i)[0]) + 1.0 for i in images]
         image = random.choices(images, weights=weights)[0]
-        return {"id": image}
+        return record_handout(datastore, image, request.get("client_id"))
 
 
 class FirstStrategy(Strategy):
@@ -63,8 +78,15 @@ class FirstStrategy(Strategy):
         images = sorted(datastore.get_unlabeled_images())
         if not images:
             return None
-        free = free_for(datastore, images, request.get("client_id"), self.reserve_seconds)
+        client = request.get("client_id")
+        free = free_for(datastore, images, client, self.reserve_seconds)
         if free:
-            return {"id": free[0]}
-        # everything is reserved: the one handed out longest ago
-        return {"id": min(images, key=lambda i: last_handout(datastore, i)[0])}
+            return record_handout(datastore, free[0], client)
+
+        # everything is reserved: the one handed out longest ago (hand-out times are whole seconds, so
+        # on a tie prefer an image not last given to another named annotator)
+        def age(image):
+            ts, who = last_handout(datastore, image)
+            return ts, who is not None and who != client
+
+        return record_handout(datastore, min(images, key=age), client)

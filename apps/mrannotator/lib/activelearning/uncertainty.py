@@ -7,6 +7,7 @@ import logging
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from lib.activelearning.handout import record_handout
 from lib.service import ModelService, mean_entropy
 from mrannotator.errors import InputError
 
@@ -48,4 +49,5 @@ class SoftmaxEntropy(Strategy):
         if not ranking:
             return None
         ranking.sort(key=lambda r: (-r["entropy"], r["id"]))
+        record_handout(datastore, ranking[0]["id"], request.get("client_id"))
         return {"id": ranking[0]["id"], "entropy": ranking[0]["entropy"], "ranking": ranking}
