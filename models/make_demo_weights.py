@@ -149,7 +149,7 @@ def make_trainer_class(epochs: int):
     return nnUNetTrainerNoMirroringDemo
 
 
-def train(did: int, epochs: int) -> Path:
+def train(did: int, epochs: int, init_from: Path | None = None) -> Path:
     import torch
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprints,
@@ -177,13 +177,17 @@ def train(did: int, epochs: int) -> Path:
     # region's barrier made epochs 3x slower; set MRA_TRAIN_THREADS on a dedicated machine
     torch.set_num_threads(int(os.environ.get("MRA_TRAIN_THREADS", "1")))
     trainer = cls(plans, "3d_fullres", 0, dj, torch.device("cpu"))
+    if init_from is not None:  # continue from an exported model (same plans): every weight, seg layers too
+        trainer.initialize()
+        ck = torch.load(init_from / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        trainer.network.load_state_dict(ck["network_weights"])
     t0 = time.time()
     trainer.run_training()
     print(f"Dataset{did:03d}: trained {epochs} epochs in {time.time() - t0:.0f} s", flush=True)
     return Path(trainer.output_folder), pre
 
 
-def export(did: int, trained_fold: Path, pre: Path, out: Path, epochs: int) -> Path:
+def export(did: int, trained_fold: Path, pre: Path, out: Path, epochs: int, history: str | None = None) -> Path:
     import torch
 
     name = DATASETS[did][0]
@@ -199,7 +203,8 @@ def export(did: int, trained_fold: Path, pre: Path, out: Path, epochs: int) -> P
         "inference_allowed_mirroring_axes": None,
         "current_epoch": ck["current_epoch"],
         "mrannotator_demo": {
-            "trained_with": f"{TRAINER} (schedule: {epochs} epochs x 25 iterations, batch 2, CPU)",
+            "trained_with": (f"{history}; then " if history else "")
+            + f"{TRAINER} (schedule: {epochs} epochs x 25 iterations, batch 2, AdamW 3e-3, CPU)",
             "pseudo_dice_last_epoch": [float(x) for x in ck["logging"]["dice_per_class_or_region"][-1]],
         },
     }
@@ -260,6 +265,8 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", type=int, nargs="+", default=sorted(DATASETS))
     ap.add_argument("--epochs", type=int, default=None, help="override every dataset's epoch count")
     ap.add_argument("--measure-only", action="store_true", help="re-measure exported models, no training")
+    ap.add_argument("--continue", dest="cont", action="store_true",
+                    help="start from the model already exported in --out (more epochs on the same plans)")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="mra-demo-"))
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
@@ -276,8 +283,19 @@ def main(argv=None) -> int:
         dest = args.out / f"Dataset{did:03d}_{name}" / FOLDER
         if not args.measure_only:
             write_raw(work / "nnUNet_raw", did)
-            trained, pre = train(did, epochs)
-            dest = export(did, trained, pre, args.out, epochs)
+            init = dest if args.cont else None
+            if init is not None:  # keep the previous model until the new one is trained
+                keep = Path(tempfile.mkdtemp(prefix="mra-prev-")) / dest.name
+                shutil.copytree(dest, keep)
+                init = keep
+            history = None
+            if init is not None:
+                import torch
+
+                prev = torch.load(init / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+                history = prev.get("mrannotator_demo", {}).get("trained_with")
+            trained, pre = train(did, epochs, init)
+            dest = export(did, trained, pre, args.out, epochs, history)
         result = measure(did, dest)
         (dest.parent / "heldout_dice.json").write_text(json.dumps(result, indent=2))
         print(f"Dataset{did:03d}_{name}: held-out mean Dice {result['mean_dice']:.3f} "
