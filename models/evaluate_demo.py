@@ -73,10 +73,10 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI's notices about empty masks: those cases are reported as such
         ev = evaluate(work / "pred", work / "truth", structures=served,
-                      set_name=f"held-out phantoms (seeds {SEED0}-{SEED0 + args.n - 1})")
+                      set_name="held-out phantoms")
     done = sorted({p.name.split("_")[0] for p in (work / "truth").glob("*.nii.gz")}, key=GENERATORS.index)
     ev.settings["description"] = (
-        f"Demo weights ({seg.weights.source}, {seg.weights.root.name}) on {args.n} held-out synthetic phantoms per "
+        f"Weights: {seg.weights.source} ({', '.join(m.dataset for m in seg.models)}); {args.n} held-out phantoms per "
         f"generator ({', '.join(done)}; seeds {SEED0}-{SEED0 + args.n - 1}, stored in {', '.join(ORIENTATIONS)} in "
         f"turn), segmented with the region's model on {args.device} (mean {np.mean(seconds):.1f} s per case in the "
         "last run); made by `python models/evaluate_demo.py`. Synthetic data measure the pipeline, not clinical "
