@@ -1,6 +1,7 @@
 """MRAnnotator segmentation: the selected series' volume, with its exact DICOM geometry, through the engine.
 
-The engine (``mrannotator.Segmenter``) is loaded once, when the graph starts, and reused. The volume's
+The engine (``mrannotator.Segmenter``) is loaded once per run, when the first volume arrives (a study
+without a usable series fails before any model is read), and reused for every later volume. The volume's
 affine is rebuilt from the instances' own ImagePositionPatient / ImageOrientationPatient / PixelSpacing
 (``mrannotator.dicom``), not taken from the affine diagonal, so sagittal, coronal, oblique and
 reversed-order series are segmented in the right anatomical frame.
@@ -68,7 +69,7 @@ class MRAnnotatorSegmentationOperator(Operator):
         spec.input("study_selected_series_list")
         spec.output("segmentation")
 
-    def start(self):
+    def _load(self):
         import mrannotator
 
         log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class MRAnnotatorSegmentationOperator(Operator):
 
     def compute(self, op_input, op_output, context):
         log = logging.getLogger(__name__)
+        if self.segmenter is None:
+            self._load()
         image = op_input.receive("image")
         selected = op_input.receive("study_selected_series_list")[0].selected_series[0].series
         # the series-to-volume operator sorted the instances in place; its array follows that order

@@ -65,44 +65,50 @@ def studies(tmp_path_factory, real_mr) -> dict[str, Path]:
     write_series(real_mr, root / "real_mr", series_description="real abdominal MR (TotalSegmentator sample)")
     out["real_mr"] = root / "real_mr"
     for acq in PHANTOM_ACQUISITIONS:
-        write_series(phantom(acq)[0], root / f"phantom_{acq}", series_description=f"T2 phantom {acq}")
-        out[f"phantom_{acq}"] = root / f"phantom_{acq}"
+        if acq != "axial":
+            write_series(phantom(acq)[0], root / f"phantom_{acq}", series_description=f"T2 phantom {acq}")
+            out[f"phantom_{acq}"] = root / f"phantom_{acq}"
 
     # MR + CT study: the CT and a derived MR are larger than the MR; a localizer and a smaller MR too
     mixed = root / "mr_ct"
-    ph = make_phantom("abdomen", seed=8, orientation="LPS")
-    img = np.asanyarray(ph.image.dataobj)
+    image = phantom("axial")[0]
+    img = np.asanyarray(image.dataobj)
     study = pydicom.uid.generate_uid()
     common = {"study_instance_uid": study, "frame_of_reference_uid": pydicom.uid.generate_uid()}
-    write_series(ph.image, mixed / "mr", series_number=3, series_description="T2 abdomen", **common)
-    big = nib.Nifti1Image(np.concatenate([img, img], axis=2), ph.image.affine)
+    write_series(image, mixed / "mr", series_number=3, series_description="T2 abdomen", **common)
+    big = nib.Nifti1Image(np.concatenate([img, img], axis=2), image.affine)
     write_series(big, mixed / "ct", modality="CT", series_number=2, series_description="CT abdomen", **common)
     write_series(big, mixed / "derived", series_number=4, series_description="T2 MPR",
                  image_type=("DERIVED", "SECONDARY", "MPR"), **common)
-    slab = nib.Nifti1Image(img[:, :, :12], ph.image.affine)  # a smaller 3D MR series: the larger one wins
+    slab = nib.Nifti1Image(img[:, :, :12], image.affine)  # a smaller 3D MR series: the larger one wins
     write_series(slab, mixed / "slab", series_number=5, series_description="T1 slab", **common)
-    loc = nib.Nifti1Image(img[:, :, 10:13], ph.image.affine)
+    loc = nib.Nifti1Image(img[:, :, 10:13], image.affine)
     write_series(loc, mixed / "loc", series_number=1, series_description="3-plane loc",
                  image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), **common)
     out["mr_ct"] = mixed
+    out["phantom_axial"] = mixed / "mr"  # the axial acquisition, as a folder of its own for the engine
     write_series(big, root / "ct_only", modality="CT", series_description="CT abdomen")
     out["ct_only"] = root / "ct_only"
     return out
 
 
+class AppRuns:
+    """The app run once per study (-i/-o/-m), on first use; later tests reuse the outputs."""
+
+    def __init__(self, studies, weights, root):
+        self.studies, self.weights, self.root, self.done = studies, weights, root, {}
+
+    def __getitem__(self, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+        name = "mr_ct" if name == "phantom_axial" else name  # the axial phantom is that study's MR series
+        if name not in self.done:
+            out = self.root / name
+            self.done[name] = (run_app(["-i", str(self.studies[name]), "-o", str(out), "-m", str(self.weights)]), out)
+        return self.done[name]
+
+
 @pytest.fixture(scope="session")
-def app_runs(studies, demo_weights, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
-    """The app run once on each study (-i/-o/-m), two at a time; results are shared by the tests below."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    root = tmp_path_factory.mktemp("app_out")
-
-    def one(name):
-        out = root / name
-        return name, (run_app(["-i", str(studies[name]), "-o", str(out), "-m", str(demo_weights)]), out)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(one, studies))
+def app_runs(studies, demo_weights, tmp_path_factory) -> AppRuns:
+    return AppRuns(studies, demo_weights, tmp_path_factory.mktemp("app_out"))
 
 
 def engine_labels(segmenter, folder: Path) -> nib.Nifti1Image:
