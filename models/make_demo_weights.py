@@ -50,7 +50,7 @@ DATASETS = {
     2: ("ShoulderKnee",
         ["femur", "patella", "fibula", "tibia", "humerus_right", "clavicle_right", "scapula_right",
          "humerus_left", "clavicle_left", "scapula_left"],
-        [("shoulder", 10, 5), ("knee", 8, 5)], 30),
+        [("shoulder", 10, 5), ("knee", 10, 5)], 30),
     3: ("PelvisProstate",
         ["upper_femora", "pelvis", "sacrum", "prostate"],
         [("pelvis", 10, 5), ("prostate", 6, 5)], 30),
