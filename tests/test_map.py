@@ -111,6 +111,13 @@ def app_runs(studies, demo_weights, tmp_path_factory) -> AppRuns:
     return AppRuns(studies, demo_weights, tmp_path_factory.mktemp("app_out"))
 
 
+def model_equipment(seg):
+    """The Contributing Equipment item that describes the model (highdicom adds one for itself)."""
+    items = [i for i in seg.ContributingEquipmentSequence if i.Manufacturer == "MRAnnotator project"]
+    assert len(items) == 1
+    return items[0]
+
+
 def engine_labels(segmenter, folder: Path) -> nib.Nifti1Image:
     """The engine alone on the same series (read by SimpleITK/GDCM, an independent geometry path)."""
     return segmenter.segment(folder).labels
@@ -232,12 +239,12 @@ def test_seg_segments_codes_and_model_info(app_runs, studies, demo_weights):
     names = {item.TrackingID for item in seg.SegmentSequence}
     assert {"kidney_left", "kidney_right"} <= names
     # ModelInfo in the contributing equipment: Manufacturer filled (dciodvfy errors without it)
-    eq = seg.ContributingEquipmentSequence[-1]
+    eq = model_equipment(seg)
     assert eq.Manufacturer == "MRAnnotator project"
     assert "nnU-Net" in eq.ManufacturerModelName and eq.SoftwareVersions and eq.DeviceUID
     # the Device UID identifies the weights: the same on every run with the same weights
     other = pydicom.dcmread(app_runs["phantom_sagittal"][1] / SEG_FILE)
-    assert other.ContributingEquipmentSequence[-1].DeviceUID == eq.DeviceUID
+    assert model_equipment(other).DeviceUID == eq.DeviceUID
     assert seg.Manufacturer == "MRAnnotator"
 
 
@@ -325,4 +332,4 @@ def test_package_with_monai_deploy_and_run_from_its_layout(tmp_path, demo_weight
     assert np.array_equal(np.asanyarray(labels_from_seg(packaged, source).dataobj),
                           np.asanyarray(labels_from_seg(direct, source).dataobj))
     assert [s.TrackingID for s in packaged.SegmentSequence] == [s.TrackingID for s in direct.SegmentSequence]
-    assert packaged.ContributingEquipmentSequence[-1].DeviceUID == direct.ContributingEquipmentSequence[-1].DeviceUID
+    assert model_equipment(packaged).DeviceUID == model_equipment(direct).DeviceUID

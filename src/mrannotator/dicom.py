@@ -370,9 +370,9 @@ def make_seg(
         omit_empty_frames=True,
         contributing_equipment=[equipment],
     )
-    item = seg.ContributingEquipmentSequence[-1]
-    if device_uid:
-        item.DeviceUID = device_uid
+    if device_uid:  # highdicom adds an item for itself: put the model's Device UID on the model's item
+        mine = [i for i in seg.ContributingEquipmentSequence if i.Manufacturer == model_creator]
+        mine[0].DeviceUID = device_uid
     return seg
 
 
