@@ -9,6 +9,7 @@ the checkpoints' (path, mtime, size) with those it loaded and reloads the models
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from mrannotator.errors import InputError
 from mrannotator.weights import ModelFolder, Weights, demo_weights_dir, installed_dir, load_weights, read_model_folder
 
 logger = logging.getLogger(__name__)
+
+BASE_FILE = "mrannotator_base.json"
 
 CONF_OPTIONS = {
     "weights": "auto (installed official weights, else the demo weights), demo, official, or a folder",
@@ -149,7 +152,7 @@ class ModelService:
         out = []
         for mf in self.pretrained.models:
             pub = self.published_folder(mf)
-            if (pub / "fold_0" / "checkpoint_final.pth").is_file():
+            if (pub / "fold_0" / "checkpoint_final.pth").is_file() and self._derives_from(pub, mf):
                 try:
                     out.append(ServedModel(read_model_folder(pub), True))
                     continue
@@ -160,6 +163,24 @@ class ModelService:
             st = m.folder.checkpoint.stat()
             m.signature = (str(m.folder.checkpoint), st.st_mtime_ns, st.st_size)
         return out
+
+    @staticmethod
+    def base_record(pretrained: ModelFolder) -> dict:
+        """Which pretrained checkpoint a published model descends from (written next to it by the trainer)."""
+        return {"pretrained_checkpoint": str(pretrained.checkpoint.resolve()),
+                "size": pretrained.checkpoint.stat().st_size}
+
+    def _derives_from(self, published: Path, pretrained: ModelFolder) -> bool:
+        """A fine-tune of other pretrained weights (``--conf weights`` changed) is not served."""
+        try:
+            record = json.loads((published / BASE_FILE).read_text())
+        except (OSError, ValueError):
+            return False
+        if record != self.base_record(pretrained):
+            logger.warning(f"not serving {published}: it was fine-tuned from {record.get('pretrained_checkpoint')}, "
+                           f"not from the configured {pretrained.checkpoint}")
+            return False
+        return True
 
     def segmenter(self) -> Segmenter:
         with self._lock:

@@ -18,7 +18,7 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from lib.service import ModelService
+from lib.service import BASE_FILE, ModelService
 from mrannotator.finetune import Case, FinetuneError, finetune
 from mrannotator.imageio import load_image, save_json
 
@@ -28,13 +28,13 @@ STATS_FILE = "train_stats.json"
 
 
 def _alive(pid) -> bool:
+    """Whether the training process still runs (a killed one stays a zombie until MONAI Label reaps it)."""
+    import psutil
+
     try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
+        return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+    except (TypeError, ValueError, psutil.NoSuchProcess):
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _number(request: dict, key: str, default, cast):
@@ -116,8 +116,11 @@ class NnUNetFineTune(TrainTask):
                                 f"val loss {row['val_loss']}, val Dice {row['val_mean_dice']}")
 
                 logger.info(f"{model.dataset}: fine-tuning on {len(cases)} case(s) from {model.folder.checkpoint}")
+                dest = self.service.published_folder(model.folder)
+                pretrained = next(m for m in self.service.pretrained.models if m.dataset == model.dataset)
+                save_json(self.service.base_record(pretrained), dest / BASE_FILE)
                 result = finetune(
-                    model.folder, cases, self.service.published_folder(model.folder),
+                    model.folder, cases, dest,
                     catalogue_to_model={s.id: v for v, s in model.structures.items()},
                     epochs=epochs, iterations=iterations, val_iterations=val_iterations,
                     learning_rate=lr, device=device, on_epoch=on_epoch,
