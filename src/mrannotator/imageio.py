@@ -181,6 +181,7 @@ def _atomic(path: Path, write) -> Path:
     suffix = "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for other users (PACS, viewers) too
     try:
         write(tmp)
         os.replace(tmp, path)
