@@ -4,7 +4,7 @@
     HOLOSCAN_INPUT_PATH=... HOLOSCAN_OUTPUT_PATH=... HOLOSCAN_MODEL_PATH=... python operators
 
 Without -m / HOLOSCAN_MODEL_PATH the demo weights (models/demo) are used. MRANNOTATOR_DEVICE picks
-auto (default), cpu or cuda.
+auto (default), cpu or cuda; MRANNOTATOR_MODE=fast opts into bf16 (CPU) / fp16 (CUDA) inference.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class MRAnnotatorApp(Application):
         selector = MRSeriesSelectorOperator(self, name="mr_series_selector")
         to_volume = DICOMSeriesToVolumeOperator(self, name="series_to_volume")
         segment = MRAnnotatorSegmentationOperator(
-            self, weights=models, device=os.environ.get("MRANNOTATOR_DEVICE", "auto"), name="mrannotator"
+            self, weights=models, device=os.environ.get("MRANNOTATOR_DEVICE", "auto"),
+            mode=os.environ.get("MRANNOTATOR_MODE", "exact"), name="mrannotator"
         )
         seg_writer = DICOMSegWriterOperator(self, output_folder=output_dir, name="dicom_seg_writer")
         results_writer = ResultsWriterOperator(self, output_folder=output_dir, name="results_writer")

@@ -57,9 +57,10 @@ def model_info_for(segmenter: Segmenter) -> ModelInfo:
 class MRAnnotatorSegmentationOperator(Operator):
     """image + study_selected_series_list -> segmentation (SeriesSegmentation)."""
 
-    def __init__(self, fragment: Fragment, *args, weights, device: str = "auto", **kwargs):
+    def __init__(self, fragment: Fragment, *args, weights, device: str = "auto", mode: str = "exact", **kwargs):
         self.weights = weights
         self.device = device
+        self.mode = mode  # "exact" (labels as stock nnU-Net) or "fast" (bf16 / fp16 autocast)
         self.segmenter: Segmenter | None = None
         self.model_info: ModelInfo | None = None
         super().__init__(fragment, *args, **kwargs)
@@ -74,7 +75,7 @@ class MRAnnotatorSegmentationOperator(Operator):
 
         log = logging.getLogger(__name__)
         log.info(f"engine: mrannotator {__version__} from {Path(mrannotator.__file__).parent}")
-        self.segmenter = Segmenter(weights=self.weights, device=self.device)
+        self.segmenter = Segmenter(weights=self.weights, device=self.device, mode=self.mode)
         self.model_info = model_info_for(self.segmenter)
         w = self.segmenter.weights
         log.info(f"weights: {w.source} ({w.root}); models: {', '.join(m.dataset for m in self.segmenter.models)}; "

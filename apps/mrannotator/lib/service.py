@@ -29,6 +29,7 @@ CONF_OPTIONS = {
     "weights": "auto (installed official weights, else the demo weights), demo, official, or a folder",
     "regions": "all, or a comma-separated list of regions/aliases (abdomen, pelvis, prostate, shoulder, knee, spine)",
     "device": "auto, cpu or cuda",
+    "mode": "exact (default: labels as stock nnU-Net) or fast (bf16 on CPUs with native bf16, fp16 on CUDA)",
     "threads": "CPU threads for torch (default: torch's choice)",
     "model_dir": "where fine-tuned checkpoints are published (default: APP_DIR/model)",
     "epochs": "fine-tuning epochs per run (default 3)",
@@ -52,6 +53,13 @@ def _int(conf: dict, key: str, default: int | None, minimum: int = 1) -> int | N
     return value
 
 
+def _mode(conf: dict) -> str:
+    mode = str(conf.get("mode") or "exact").strip().lower()
+    if mode not in ("exact", "fast"):
+        raise ValueError(f"--conf mode {mode!r}: expected exact or fast")
+    return mode
+
+
 def _float(conf: dict, key: str, default: float) -> float:
     raw = conf.get(key)
     if raw in (None, ""):
@@ -72,6 +80,7 @@ class AppSettings:
     weights: str = "auto"
     regions: tuple[str, ...] | None = None
     device: str = "auto"
+    mode: str = "exact"
     threads: int | None = None
     model_dir: Path = Path("model")
     epochs: int = 3
@@ -88,6 +97,7 @@ class AppSettings:
             weights=str(conf.get("weights") or "auto").strip(),
             regions=None if regions.lower() == "all" else tuple(r for r in regions.split(",") if r.strip()),
             device=str(conf.get("device") or "auto").strip().lower(),
+            mode=_mode(conf),
             threads=_int(conf, "threads", None),
             model_dir=Path(conf.get("model_dir") or Path(app_dir) / "model").expanduser().resolve(),
             epochs=_int(conf, "epochs", 3),
@@ -190,7 +200,8 @@ class ModelService:
                 weights = Weights(source=self.pretrained.source, root=self.pretrained.root,
                                   models=[m.folder for m in current], manifest=self.pretrained.manifest)
                 self._segmenter = Segmenter(weights=weights, device=self.settings.device,
-                                            threads=self.settings.threads, regions=self.settings.regions)
+                                            threads=self.settings.threads, regions=self.settings.regions,
+                                            mode=self.settings.mode)
                 loaded = {m.dataset for m in self._segmenter.models}
                 self._served = [m for m in current if m.folder.dataset in loaded]
                 if self._signature is not None:
