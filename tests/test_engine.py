@@ -123,11 +123,13 @@ def test_oblique_input_keeps_its_affine_and_its_segmentation(segmenter):
 
 
 def test_a_pipeline_that_loses_laterality_fails_the_side_check(segmenter):
-    # feed the voxels mirrored left/right but keep the affine: exactly the bug a blind flip makes
-    ph = make_phantom("shoulder", seed=SEED, orientation="LAS")
-    wrong = nib.Nifti1Image(np.asarray(ph.image.dataobj)[::-1].copy(), ph.image.affine)
+    # the bug of a pipeline that ignores orientation: a RAS-stored array handed over as if it were LAS
+    ras = make_phantom("shoulder", seed=SEED, orientation="RAS")
+    las = make_phantom("shoulder", seed=SEED, orientation="LAS")
+    wrong = nib.Nifti1Image(np.asarray(ras.image.dataobj), las.image.affine)
     labels = np.asarray(segmenter.segment(wrong, regions=["shoulder"]).labels.dataobj)
-    assert not _sides_ok(labels, ph.image.affine)
+    assert _sides_ok(labels, las.image.affine)  # the model itself still answers by array position ...
+    assert not _sides_ok(labels, ras.image.affine)  # ... so in the true frame left and right are swapped
 
 
 def test_intensities_are_never_narrowed_and_the_input_is_untouched(segmenter):
