@@ -3,13 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  # dicom3tools: dciodvfy validates our DICOM; orthanc + DICOMweb plugin: a real PACS for tests
-  missing=""
-  for p in dicom3tools orthanc orthanc-dicomweb; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
-  if [ -n "$missing" ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
-    # Debian starts the packaged Orthanc service; tests run their own on 127.0.0.1
-    (service orthanc stop || systemctl stop orthanc || true) >/dev/null 2>&1
+  # dicom3tools: dciodvfy validates the DICOM series and SEGs the tests write
+  if ! dpkg -s dicom3tools >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dicom3tools >/dev/null
   fi
 fi
 PY=${PYTHON:-python3.11}
