@@ -6,15 +6,13 @@ Every file is written through a temporary name and renamed, so an output folder 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 from monai.deploy.operators.dicom_utils import ModelInfo
 
 from mrannotator.dicom import make_seg
-from mrannotator.imageio import save_json, save_nifti
+from mrannotator.imageio import save_json, save_nifti, write_atomic
 
 SEG_FILE = "mrannotator_seg.dcm"
 LABELS_FILE = "mrannotator_labels.nii.gz"
@@ -41,15 +39,7 @@ class DICOMSegWriterOperator(Operator):
             s.result.labels, s.result.structures, s.source_datasets, weights=s.result.weights,
             model_creator=info.creator, model_name=info.name, model_version=info.version, device_uid=info.uid,
         )
-        self.output_folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{SEG_FILE}.", dir=self.output_folder)
-        os.close(fd)
-        try:
-            seg.save_as(tmp, enforce_file_format=True)
-            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a PACS forwarder may run as another user
-            os.replace(tmp, self.output_folder / SEG_FILE)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        write_atomic(self.output_folder / SEG_FILE, lambda tmp: seg.save_as(tmp, enforce_file_format=True))
         logging.getLogger(__name__).info(
             f"DICOM SEG {seg.SOPInstanceUID}: {len(s.result.structures)} segments, {seg.NumberOfFrames} frames "
             f"-> {self.output_folder / SEG_FILE}"
@@ -74,7 +64,6 @@ class ResultsWriterOperator(Operator):
             "series_description": s.series_description,
             **s.result.summary(),
         }
-        for path in (save_nifti(s.result.labels, self.output_folder / LABELS_FILE),
-                     save_json(report, self.output_folder / STATISTICS_FILE)):
-            os.chmod(path, 0o644)  # written through mkstemp (owner-only)
+        save_nifti(s.result.labels, self.output_folder / LABELS_FILE)
+        save_json(report, self.output_folder / STATISTICS_FILE)
         logging.getLogger(__name__).info(f"labels and statistics -> {self.output_folder}")

@@ -440,7 +440,7 @@ class Evaluation:
         return report_markdown(self)
 
     def write(self, out_dir: str | Path, figure: bool = True) -> dict[str, Path]:
-        from .imageio import _atomic, save_json
+        from .imageio import save_json, write_atomic
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -448,9 +448,9 @@ class Evaluation:
         for name, rows in (("cases", self.cases), ("structures", self.structures), ("regions", self.regions),
                            ("skipped", self.skipped)):
             text = _csv_text(rows, header=("case", "skipped", "voxels", "reason"))
-            paths[name] = _atomic(out / f"{name}.csv", lambda tmp, t=text: Path(tmp).write_text(t))
+            paths[name] = write_atomic(out / f"{name}.csv", lambda tmp, t=text: Path(tmp).write_text(t))
         md = self.to_markdown()
-        paths["markdown"] = _atomic(out / "table1.md", lambda tmp: Path(tmp).write_text(md))
+        paths["markdown"] = write_atomic(out / "table1.md", lambda tmp: Path(tmp).write_text(md))
         paths["json"] = save_json({"set_name": self.set_name, "settings": self.settings, "regions": self.regions,
                                    "structures": self.structures, "skipped": self.skipped, "cases": self.cases},
                                   out / "evaluation.json")
@@ -608,7 +608,7 @@ def dice_figure(ev: Evaluation, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .imageio import _atomic
+    from .imageio import write_atomic
 
     cat = load_catalogue()
     regions = [reg for reg in REGIONS if any(r["region"] == reg for r in ev.structures)]
@@ -631,7 +631,7 @@ def dice_figure(ev: Evaluation, path: str | Path) -> Path:
     axes[-1, 0].set_xlabel("Dice")
     fig.suptitle(f"Dice per structure - {ev.set_name} ({ev.n_cases} cases)", fontsize=10)
     fig.tight_layout()
-    out = _atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    out = write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return out
 
@@ -753,10 +753,10 @@ def cmd_evaluate(args) -> int:
                       structures=args.structures, set_name=args.set_name, seed=args.seed)
         paths = ev.write(args.out, figure=not args.no_figure)
         if args.compare:
-            from .imageio import _atomic
+            from .imageio import write_atomic
 
             text = comparison_markdown([*(Evaluation.load(p) for p in args.compare), ev])
-            paths["comparison"] = _atomic(Path(args.out) / "comparison.md", lambda tmp: Path(tmp).write_text(text))
+            paths["comparison"] = write_atomic(Path(args.out) / "comparison.md", lambda tmp: Path(tmp).write_text(text))
     print(f"{'region':<16s} {'structures':>10s} {'cases':>6s}  Dice mean (95% CI)")
     for r in ev.regions:
         print(f"{_region_title(r['region']):<16s} {r['structures']:>10d} {r['cases']:>6d}  "

@@ -174,7 +174,7 @@ def load_dicom_series(folder: Path, series_uid: str | None = None) -> nib.Nifti1
 
 
 # ------------------------------------------------------------------ writing, atomically
-def _atomic(path: Path, write) -> Path:
+def write_atomic(path: Path, write) -> Path:
     """Write through a temporary file in the same folder, then rename: never a partial file at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,8 +192,8 @@ def _atomic(path: Path, write) -> Path:
 
 
 def save_nifti(img: nib.Nifti1Image, path: Path) -> Path:
-    return _atomic(path, lambda tmp: nib.save(img, tmp))
+    return write_atomic(path, lambda tmp: nib.save(img, tmp))
 
 
 def save_json(obj, path: Path) -> Path:
-    return _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
