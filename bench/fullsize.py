@@ -57,7 +57,8 @@ def build(work: Path) -> tuple[Path, Path]:
         nib.save(nib.Nifti1Image(img, aff), ds / "imagesTr" / f"c{c}_0000.nii.gz")
         nib.save(nib.Nifti1Image(lab, aff), ds / "labelsTr" / f"c{c}.nii.gz")
     dj = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, **{f"class{k}": k for k in range(1, 9)}},
-          "numTraining": 3, "file_ending": ".nii.gz"}
+          "numTraining": 3, "file_ending": ".nii.gz",
+          "overwrite_image_reader_writer": "NibabelIO"}  # no SimpleITK needed (the GPU machine lacks it)
     (ds / "dataset.json").write_text(json.dumps(dj))
     extract_fingerprints([900], num_processes=2)
     plan_experiments([900])
