@@ -75,19 +75,32 @@ def dataset_json(labels: list[str], n: int) -> dict:
     }
 
 
-def write_raw(raw: Path, did: int) -> dict:
+GENERATORS = ("abdomen", "pelvis", "prostate", "shoulder", "knee", "spine")
+NEGATIVE_SEED = 500  # negatives use training seeds 500+ (held-out phantoms start at TEST_SEED_OFFSET)
+
+
+def write_raw(raw: Path, did: int, negatives: int = 0) -> dict:
+    """Training cases: the dataset's own phantoms, plus ``negatives`` phantoms of every other region.
+
+    A negative is another region's phantom whose labels are all background for this model (none of its
+    structures are this model's): it teaches a region model that a scan of another region holds none of
+    its structures, as the official models learnt from real scans whose field of view shows other anatomy.
+    """
     from mrannotator.phantoms import make_phantom, to_model_labels
 
     name, labels, gens, _ = DATASETS[did]
+    own = {g for g, _, _ in gens}
+    gens = list(gens) + [(g, negatives, 0) for g in GENERATORS if g not in own and negatives]
     ds = raw / f"Dataset{did:03d}_{name}"
     (ds / "imagesTr").mkdir(parents=True, exist_ok=True)
     (ds / "labelsTr").mkdir(parents=True, exist_ok=True)
     dj = dataset_json(labels, 0)
     n = 0
     for gen, n_train, _ in gens:
-        for seed in range(n_train):
+        for k in range(n_train):
+            seed = k if gen in own else NEGATIVE_SEED + k
             ph = make_phantom(gen, seed=seed, orientation="LAS")
-            case = f"{gen}{seed:03d}"
+            case = f"{gen}{seed:03d}" if gen in own else f"neg{gen}{seed:03d}"
             nib.save(ph.image, ds / "imagesTr" / f"{case}_0000.nii.gz")
             lab = to_model_labels(np.asarray(ph.labels.dataobj), dj["labels"])
             nib.save(nib.Nifti1Image(lab, ph.labels.affine, ph.labels.header), ds / "labelsTr" / f"{case}.nii.gz")
@@ -162,7 +175,12 @@ def train(did: int, epochs: int, init_from: Path | None = None) -> Path:
     extract_fingerprints([did], num_processes=2, check_dataset_integrity=True)
     plan_experiments([did])
     pre = Path(nnUNet_preprocessed) / f"Dataset{did:03d}_{name}"
-    plans = shrink_plans(pre / "nnUNetPlans.json")
+    if init_from is not None:  # continuing: keep the exported model's plans (the network must not change)
+        plans = json.loads((init_from / "plans.json").read_text())
+        (pre / "nnUNetPlans.json").write_text(json.dumps(plans, indent=2))
+        shutil.copy(init_from / "dataset_fingerprint.json", pre / "dataset_fingerprint.json")  # what planned it
+    else:
+        plans = shrink_plans(pre / "nnUNetPlans.json")
     preprocess([did], configurations=("3d_fullres",), num_processes=(2,))
     labels_tr = Path(os.environ["nnUNet_raw"]) / pre.name / "labelsTr"
     cases = sorted(p.name[: -len(".nii.gz")] for p in labels_tr.iterdir())
@@ -187,7 +205,8 @@ def train(did: int, epochs: int, init_from: Path | None = None) -> Path:
     return Path(trainer.output_folder), pre
 
 
-def export(did: int, trained_fold: Path, pre: Path, out: Path, epochs: int, history: str | None = None) -> Path:
+def export(did: int, trained_fold: Path, pre: Path, out: Path, epochs: int, history: str | None = None,
+           negatives: int = 0) -> Path:
     import torch
 
     name = DATASETS[did][0]
@@ -204,7 +223,8 @@ def export(did: int, trained_fold: Path, pre: Path, out: Path, epochs: int, hist
         "current_epoch": ck["current_epoch"],
         "mrannotator_demo": {
             "trained_with": (f"{history}; then " if history else "")
-            + f"{TRAINER} (schedule: {epochs} epochs x 25 iterations, batch 2, AdamW 3e-3, CPU)",
+            + f"{TRAINER} (schedule: {epochs} epochs x 25 iterations, batch 2, AdamW 3e-3, CPU"
+            + (f"; {negatives} negative phantoms of every other region" if negatives else "") + ")",
             "pseudo_dice_last_epoch": [float(x) for x in ck["logging"]["dice_per_class_or_region"][-1]],
         },
     }
@@ -267,6 +287,8 @@ def main(argv=None) -> int:
     ap.add_argument("--measure-only", action="store_true", help="re-measure exported models, no training")
     ap.add_argument("--continue", dest="cont", action="store_true",
                     help="start from the model already exported in --out (more epochs on the same plans)")
+    ap.add_argument("--negatives", type=int, default=0,
+                    help="add this many phantoms of every other region as all-background training cases")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="mra-demo-"))
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
@@ -282,7 +304,7 @@ def main(argv=None) -> int:
         epochs = args.epochs or epochs
         dest = args.out / f"Dataset{did:03d}_{name}" / FOLDER
         if not args.measure_only:
-            write_raw(work / "nnUNet_raw", did)
+            write_raw(work / "nnUNet_raw", did, args.negatives)
             init = dest if args.cont else None
             if init is not None:  # keep the previous model until the new one is trained
                 keep = Path(tempfile.mkdtemp(prefix="mra-prev-")) / dest.name
@@ -295,7 +317,7 @@ def main(argv=None) -> int:
                 prev = torch.load(init / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
                 history = prev.get("mrannotator_demo", {}).get("trained_with")
             trained, pre = train(did, epochs, init)
-            dest = export(did, trained, pre, args.out, epochs, history)
+            dest = export(did, trained, pre, args.out, epochs, history, args.negatives)
         result = measure(did, dest)
         (dest.parent / "heldout_dice.json").write_text(json.dumps(result, indent=2))
         print(f"Dataset{did:03d}_{name}: held-out mean Dice {result['mean_dice']:.3f} "
