@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -49,23 +50,50 @@ def _dice_per_class(a, b):
 
 @pytest.mark.parametrize("region", REGIONS + ["real_mr"])
 def test_fast_mode_matches_exact_mode(region, segmenter, fast_segmenter, real_mr):
-    image = real_mr if region == "real_mr" else make_phantom(region, seed=HELD_OUT).image
+    if region == "real_mr":
+        image, judged = real_mr, None
+    else:
+        phantom = make_phantom(region, seed=HELD_OUT)
+        image, judged = phantom.image, set(phantom.structures)  # the structures the phantom holds
     exact = np.asarray(segmenter.segment(image).labels.dataobj)
     fast = np.asarray(fast_segmenter.segment(image).labels.dataobj)
     assert (exact > 0).sum() > 0
-    # classes with at least 20 voxels: a Dice on a handful of voxels is noise, not a precision effect.
-    # Measured on the demo weights: 0.949-1.00 per class (issue #6 asks 0.99; not reached, see bench/README.md)
-    big = {k: d for k, d in _dice_per_class(exact, fast).items() if (exact == k).sum() >= 20}
-    assert big and min(big.values()) >= 0.93, big
+    # classes with at least 20 voxels: a Dice on a handful of voxels is noise, not a precision effect
+    dice = {k: d for k, d in _dice_per_class(exact, fast).items()
+            if (exact == k).sum() >= 20 and (judged is None or k in judged)}
+    assert dice
+    # Measured (bench/README.md): >= 0.99 on every phantom structure; on the real MR sample, where the
+    # phantom-trained demo models are far outside what they learnt and near-ties abound, 0.976
+    assert min(dice.values()) >= (0.97 if region == "real_mr" else 0.99), dice
     assert (exact != fast).mean() < 0.01
 
 
-@pytest.mark.parametrize("region", ["abdomen", "knee", "spine"])
-def test_region_skipping_changes_no_label(region, segmenter, skipping_segmenter):
+@pytest.mark.parametrize("region", ["abdomen", "prostate", "knee", "spine"])
+def test_region_skipping_skips_only_silent_models_and_changes_no_label(region, segmenter, skipping_segmenter):
     image = make_phantom(region, seed=HELD_OUT + 1).image
     full = segmenter.segment(image)
     skipped = skipping_segmenter.segment(image)
     assert np.array_equal(np.asarray(full.labels.dataobj), np.asarray(skipped.labels.dataobj))
-    # (on the demo weights the half-resolution check still finds stray foreground in every model, so it
-    # skips nothing yet: bench/region_skip.py measures that; here we hold the safety promise only)
-    assert set(skipped.extra["skipped_absent"]) | set(skipped.models_run) == {m.dataset for m in segmenter.models}
+    # each model alone: a skipped model is one whose own pass labels nothing (the coarse pass may still see
+    # a few voxels where its tiling differs from the real one: then the model runs, which is the safe side)
+    silent = {m.dataset for m in segmenter.models
+              if not np.asarray(segmenter.segment(image, regions=m.folder.regions()).labels.dataobj).any()}
+    assert set(skipped.extra["skipped_absent"]) <= silent
+    assert set(skipped.models_run) == {m.dataset for m in segmenter.models} - set(skipped.extra["skipped_absent"])
+    assert skipped.summary()["skipped_absent"] == skipped.extra["skipped_absent"]
+    if region == "prostate":  # measured: the abdomen model paints nothing there, within one of its patches
+        assert "Dataset001_Abdomen" in skipped.extra["skipped_absent"]
+
+
+def test_region_skipping_on_an_image_of_several_patches(segmenter, skipping_segmenter):
+    # a knee phantom inside a field of view six times its size: the coarse (non-overlapping) tiling differs
+    # from the real one here, so models that find something are run again with the real tiling
+    ph = make_phantom("knee", seed=HELD_OUT + 2)
+    data = np.asarray(ph.image.dataobj)
+    big = np.zeros((3 * data.shape[0], 2 * data.shape[1], data.shape[2]), data.dtype) + data.min()
+    big[: data.shape[0], : data.shape[1]] = data
+    image = nib.Nifti1Image(big, ph.image.affine)
+    full = segmenter.segment(image)
+    skipped = skipping_segmenter.segment(image)
+    assert np.array_equal(np.asarray(full.labels.dataobj), np.asarray(skipped.labels.dataobj))
+    assert "Dataset002_ShoulderKnee" in skipped.models_run

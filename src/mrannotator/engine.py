@@ -32,7 +32,7 @@ from .catalogue import FIRST_UNCATALOGUED_ID, LabelCatalogue, Structure, load_ca
 from .errors import InputError, WeightsError
 from .imageio import load_image
 from .orientation import reorient_to, voxel_spacing
-from .performance import precision, tune_allocator
+from .performance import keep_edges_fp32, precision, tune_allocator
 from .weights import ModelFolder, Weights, load_weights
 
 # Region names a user may give, beyond the catalogue's own regions.
@@ -123,6 +123,7 @@ class Segmentation:
             "overlap_voxels": self.overlaps,
             "shape": list(data.shape),
             "seconds": round(self.seconds, 2),
+            **self.extra,
         }
 
 
@@ -186,6 +187,12 @@ class Segmenter:
             pred.initialize_from_trained_model_folder(str(mf.path), use_folds=(0,), checkpoint_name=mf.checkpoint.name)
         except (RuntimeError, KeyError, EOFError, OSError, torch.serialization.pickle.UnpicklingError) as e:
             raise WeightsError(f"{mf.dataset}: cannot load {mf.checkpoint}: {type(e).__name__}: {e}") from e
+        if self.mode != "exact":
+            keep_edges_fp32(pred.network)
+        elif self.device.type == "cuda":
+            # nnUNetPredictor turns cuDNN autotuning on, which may pick other kernels in another process and
+            # change labels at near-ties (6,543 of 4.1 M voxels on an H200); exact mode wants them reproducible
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
         return pred
 
     # ---------------------------------------------------------------- public API
@@ -312,12 +319,16 @@ class Segmenter:
         data, _, props = pp.run_case_npy(x, None, props, pred.plans_manager, pred.configuration_manager,
                                          pred.dataset_json)
         data = torch.from_numpy(data)
-        if presence_check and not self._present(m, data):
-            say(f"{m.dataset}: none of its structures found by the low-resolution check, skipped")
-            return None
-        say(f"{m.dataset}: predicting ({len(m.structures)} structures, {self.mode})")
-        with self._autocast:
-            logits = pred.predict_logits_from_preprocessed_data(data).cpu()
+        logits = None
+        if presence_check:
+            logits = self._presence_pass(m, data)
+            if logits is None:
+                say(f"{m.dataset}: none of its structures found by the coarse pass, skipped")
+                return None
+        if logits is None:
+            say(f"{m.dataset}: predicting ({len(m.structures)} structures, {self.mode})")
+            with self._autocast:
+                logits = pred.predict_logits_from_preprocessed_data(data).cpu()
         out = convert_predicted_logits_to_segmentation_with_correct_shape(
             logits, pred.plans_manager, pred.configuration_manager, pred.label_manager, props,
             return_probabilities=with_probs,
@@ -327,30 +338,42 @@ class Segmenter:
             return seg.transpose(2, 1, 0), probs.transpose(0, 3, 2, 1).astype(np.float32, copy=False)
         return out.transpose(2, 1, 0), None
 
-    def _present(self, m: RegionModel, data) -> bool:
-        """Cheap check: one network pass over the preprocessed volume at half resolution.
+    def _presence_pass(self, m: RegionModel, data):
+        """Cheap presence check: the model's own sliding window at full resolution with non-overlapping tiles.
 
-        True if any voxel gets a foreground class. Deliberately permissive (a false alarm only costs the
-        full pass), so that skipping never drops a structure the full-resolution pass would find.
+        Returns None if no voxel gets a foreground class; otherwise the logits of the real pass (reused from
+        the check when both tilings are the same, as for any image within one patch). The network sees
+        exactly what it was trained on (full-resolution, patch-sized tiles): a half-resolution pass was
+        tried first and measured unsafe (the prostate model missed a whole prostate at half resolution, and
+        the nnU-Net networks' instance norms misbehave on inputs of another extent).
         """
-        import torch
-        import torch.nn.functional as F
+        from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
-        net = m.predictor.network
-        strides = np.prod(np.asarray(m.predictor.configuration_manager.pool_op_kernel_sizes), axis=0)
-        x = data[None].float()
-        spatial = x.shape[2:]
-        # halve only axes that stay at least one patch-stride deep
-        factors = [2 if n >= 2 * s else 1 for n, s in zip(spatial, strides, strict=True)]
-        x = F.avg_pool3d(x, kernel_size=factors, stride=factors, ceil_mode=True)
-        pad = [(-n) % int(s) for n, s in zip(x.shape[2:], strides, strict=True)]
-        x = F.pad(x, [p for d in reversed(pad) for p in (0, d)])
-        net.eval()
-        with torch.inference_mode(), self._autocast:
-            out = net.to(self.device)(x.to(self.device))
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-        return bool((out.argmax(1) > 0).any())
+        pred = m.predictor
+        patch = pred.configuration_manager.patch_size
+        padded = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)[0]
+
+        def tiles(step):
+            keep, pred.tile_step_size = pred.tile_step_size, step
+            try:
+                return [tuple((s.start, s.stop) for s in sl[1:]) for sl in
+                        pred._internal_get_sliding_window_slicers(padded.shape[1:])]
+            finally:
+                pred.tile_step_size = keep
+
+        same = tiles(1.0) == tiles(self.tile_step_size)
+        keep, pred.tile_step_size = pred.tile_step_size, 1.0
+        try:
+            with self._autocast:
+                logits = pred.predict_logits_from_preprocessed_data(data).cpu()
+        finally:
+            pred.tile_step_size = keep
+        if not bool((logits.argmax(0) > 0).any()):
+            return None
+        if same:
+            return logits
+        with self._autocast:
+            return pred.predict_logits_from_preprocessed_data(data).cpu()
 
 
 def segment(image, **kwargs) -> Segmentation:
