@@ -71,6 +71,33 @@ def test_labels_equal_stock_nnunetv2_predict_voxel_for_voxel(region, segmenter, 
     assert (ours > 0).sum() > 100  # the comparison is not between two empty maps
 
 
+@pytest.mark.parametrize("orientation", ["LAS", "sagittal", "RAS"])
+def test_preprocessed_input_is_bitwise_what_nnunet_reads_from_the_file(orientation, segmenter, tmp_path):
+    # The engine's own reading + reorientation must give nnU-Net the very array its SimpleITK reader gives for
+    # the same volume stored in the model's orientation: a different memory layout alone changed normalised
+    # intensities by ~3e-6 and labels at near-ties (bench/README.md, full-size network).
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from mrannotator.imageio import load_image
+
+    model = next(m for m in segmenter.models if m.dataset == "Dataset001_Abdomen")
+    ph = make_phantom("abdomen", seed=SEED, orientation=orientation)
+    path = tmp_path / "case_0000.nii.gz"
+    nib.save(ph.image, path)
+    img = load_image(path)
+    arr, aff, _ = reorient_to(np.asanyarray(img.dataobj), img.affine, tuple(model.folder.orientation))
+    ours, _ = segmenter._preprocess(model, arr, aff)
+
+    las = tmp_path / "las_0000.nii.gz"
+    nib.save(nib.Nifti1Image(arr, aff), las)
+    x, props = SimpleITKIO().read_images([str(las)])
+    pred = model.predictor
+    pp = pred.configuration_manager.preprocessor_class(verbose=False)
+    stock, _, _ = pp.run_case_npy(x, None, props, pred.plans_manager, pred.configuration_manager, pred.dataset_json)
+    assert ours.shape == stock.shape and ours.dtype == stock.dtype
+    assert np.array_equal(ours, stock)
+
+
 def _physical_labels(result, ref_affine):
     """Labels brought onto the LAS reference grid (exact: axis permutations and flips only)."""
     arr, aff, _ = reorient_to(np.asarray(result.labels.dataobj), result.labels.affine, ("L", "A", "S"))
