@@ -316,14 +316,13 @@ class Segmenter:
         data = torch.from_numpy(data)
         logits = None
         if presence_check:
-            logits = self._presence_pass(m, data)
-            if logits is None:
+            found, logits = self._presence_pass(m, data)
+            if not found:
                 say(f"{m.dataset}: none of its structures found by the coarse pass, skipped")
                 return None
         if logits is None:
             say(f"{m.dataset}: predicting ({len(m.structures)} structures, {self.mode})")
-            with self._autocast:
-                logits = pred.predict_logits_from_preprocessed_data(data).cpu()
+            logits = self._logits(m, data)
         out = convert_predicted_logits_to_segmentation_with_correct_shape(
             logits, pred.plans_manager, pred.configuration_manager, pred.label_manager, props,
             return_probabilities=with_probs,
@@ -347,42 +346,37 @@ class Segmenter:
                                          pred.dataset_json)
         return data, props
 
+    def _logits(self, m: RegionModel, data, tile_step_size: float | None = None):
+        """nnU-Net's sliding window on preprocessed data (with another tile step if given), on the CPU."""
+        pred = m.predictor
+        keep = pred.tile_step_size
+        pred.tile_step_size = keep if tile_step_size is None else tile_step_size
+        try:
+            with self._autocast:
+                return pred.predict_logits_from_preprocessed_data(data).cpu()
+        finally:
+            pred.tile_step_size = keep
+
     def _presence_pass(self, m: RegionModel, data):
         """Cheap presence check: the model's own sliding window at full resolution with non-overlapping tiles.
 
-        Returns None if no voxel gets a foreground class; otherwise the logits of the real pass (reused from
-        the check when both tilings are the same, as for any image within one patch). The network sees
-        exactly what it was trained on (full-resolution, patch-sized tiles): a half-resolution pass was
-        tried first and measured unsafe (the prostate model missed a whole prostate at half resolution, and
-        the nnU-Net networks' instance norms misbehave on inputs of another extent).
+        Returns (found, logits): found is False if no voxel gets a foreground class; logits are those of the
+        real pass when the check's tiling is the real one (any image within one patch), else None. The
+        network sees exactly what it was trained on (full-resolution, patch-sized tiles): a
+        half-resolution pass was tried first and measured unsafe (the prostate model missed a whole
+        prostate at half resolution, and the nnU-Net networks' instance norms misbehave on inputs of
+        another extent).
         """
-        from acvl_utils.cropping_and_padding.padding import pad_nd_image
+        from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window as steps
 
-        pred = m.predictor
-        patch = pred.configuration_manager.patch_size
-        padded = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)[0]
-
-        def tiles(step):
-            keep, pred.tile_step_size = pred.tile_step_size, step
-            try:
-                return [tuple((s.start, s.stop) for s in sl[1:]) for sl in
-                        pred._internal_get_sliding_window_slicers(padded.shape[1:])]
-            finally:
-                pred.tile_step_size = keep
-
-        same = tiles(1.0) == tiles(self.tile_step_size)
-        keep, pred.tile_step_size = pred.tile_step_size, 1.0
-        try:
-            with self._autocast:
-                logits = pred.predict_logits_from_preprocessed_data(data).cpu()
-        finally:
-            pred.tile_step_size = keep
+        logits = self._logits(m, data, tile_step_size=1.0)
         if not bool((logits.argmax(0) > 0).any()):
-            return None
-        if same:
-            return logits
-        with self._autocast:
-            return pred.predict_logits_from_preprocessed_data(data).cpu()
+            return False, None
+        # nnU-Net pads the tiled axes to at least one patch, then steps over them as computed here
+        patch = m.predictor.configuration_manager.patch_size
+        padded = [max(n, p) for n, p in zip(data.shape[-len(patch):], patch, strict=True)]
+        same = steps(padded, patch, 1.0) == steps(padded, patch, self.tile_step_size)
+        return True, (logits if same else None)
 
 
 def segment(image, **kwargs) -> Segmentation:
