@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mrannotator.phantoms import GENERATORS
+
 HERE = Path(__file__).resolve().parent
-GENERATORS = ("abdomen", "pelvis", "prostate", "shoulder", "knee", "spine")
 ORIENTATIONS = ("LAS", "RAS", "LPS", "sagittal", "coronal", "axial_reversed", "oblique")
 SEED0 = 20_000
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mrannotator.phantoms import GENERATORS
+
 HERE = Path(__file__).resolve().parent
-GENERATORS = ("abdomen", "pelvis", "prostate", "shoulder", "knee", "spine")
 SEED0 = 30_000
 
 

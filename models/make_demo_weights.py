@@ -75,7 +75,6 @@ def dataset_json(labels: list[str], n: int) -> dict:
     }
 
 
-GENERATORS = ("abdomen", "pelvis", "prostate", "shoulder", "knee", "spine")
 NEGATIVE_SEED = 500  # negatives use training seeds 500+ (held-out phantoms start at TEST_SEED_OFFSET)
 
 
@@ -86,7 +85,7 @@ def write_raw(raw: Path, did: int, negatives: int = 0) -> dict:
     structures are this model's): it teaches a region model that a scan of another region holds none of
     its structures, as the official models learnt from real scans whose field of view shows other anatomy.
     """
-    from mrannotator.phantoms import make_phantom, to_model_labels
+    from mrannotator.phantoms import GENERATORS, make_phantom, to_model_labels
 
     name, labels, gens, _ = DATASETS[did]
     own = {g for g, _, _ in gens}
@@ -290,6 +289,8 @@ def main(argv=None) -> int:
     ap.add_argument("--negatives", type=int, default=0,
                     help="add this many phantoms of every other region as all-background training cases")
     args = ap.parse_args(argv)
+    if args.negatives < 0:
+        ap.error(f"--negatives {args.negatives}: expected 0 or more phantoms per other region")
     work = args.work or Path(tempfile.mkdtemp(prefix="mra-demo-"))
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (work / k).mkdir(parents=True, exist_ok=True)

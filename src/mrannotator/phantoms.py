@@ -266,14 +266,15 @@ def _pelvis(s: _Scene, prostate_only=False):
 
 
 # field of view (mm, along R, A, S), spacing (mm, along R, A, S), FOV centre (RAS mm), anatomy
-REGION_GRIDS = {
+REGION_GRIDS = {  # in the order reports list the generators (seeding uses the sorted names, not this order)
     "abdomen": ((301, 231, 168), (3.5, 3.5, 6.0), (0, 0, 0), _abdomen),
-    "spine": ((64, 120, 704), (4.0, 3.0, 4.0), (0, 0, 0), _spine),
-    "shoulder": ((448, 196, 240), (4.0, 5.0, 4.0), (0, 0, 0), _shoulder),
-    "knee": ((160, 160, 192), (4.0, 3.0, 4.0), (0, 0, 0), _knee),
     "pelvis": ((380, 264, 220), (4.0, 6.0, 4.0), (0, 0, 0), _pelvis),
     "prostate": ((128, 128, 96), (2.0, 2.0, 4.0), (0, 10, -45), lambda s: _pelvis(s, prostate_only=True)),
+    "shoulder": ((448, 196, 240), (4.0, 5.0, 4.0), (0, 0, 0), _shoulder),
+    "knee": ((160, 160, 192), (4.0, 3.0, 4.0), (0, 0, 0), _knee),
+    "spine": ((64, 120, 704), (4.0, 3.0, 4.0), (0, 0, 0), _spine),
 }
+GENERATORS = tuple(REGION_GRIDS)  # every phantom generator
 
 
 def _bias_field(shape, rng):
