@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -85,15 +87,45 @@ def test_region_skipping_skips_only_silent_models_and_changes_no_label(region, s
         assert "Dataset001_Abdomen" in skipped.extra["skipped_absent"]
 
 
-def test_region_skipping_on_an_image_of_several_patches(segmenter, skipping_segmenter):
-    # a knee phantom inside a field of view six times its size: the coarse (non-overlapping) tiling differs
-    # from the real one here, so models that find something are run again with the real tiling
+def _knee_in_a_large_field_of_view():
+    # a knee phantom inside a field of view six times its size: several patches of every model
     ph = make_phantom("knee", seed=HELD_OUT + 2)
     data = np.asarray(ph.image.dataobj)
     big = np.zeros((3 * data.shape[0], 2 * data.shape[1], data.shape[2]), data.dtype) + data.min()
     big[: data.shape[0], : data.shape[1]] = data
-    image = nib.Nifti1Image(big, ph.image.affine)
+    return nib.Nifti1Image(big, ph.image.affine)
+
+
+def test_region_skipping_on_an_image_of_several_patches(segmenter, skipping_segmenter):
+    # the coarse pass covers the image with a subset of the real tiles; models that find something then run
+    # the real pass, which must give the same labels as without the check
+    image = _knee_in_a_large_field_of_view()
     full = segmenter.segment(image)
     skipped = skipping_segmenter.segment(image)
     assert np.array_equal(np.asarray(full.labels.dataobj), np.asarray(skipped.labels.dataobj))
     assert "Dataset002_ShoulderKnee" in skipped.models_run
+
+
+def _network_calls(seg, image):
+    """(network calls per model, result) of one segment call, counted by forward hooks on nnU-Net's networks."""
+    calls = Counter()
+    hooks = [m.predictor.network.register_forward_hook(lambda mod, i, o, d=m.dataset: calls.update([d]))
+             for m in seg.models]
+    try:
+        return calls, seg.segment(image)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_region_skipping_adds_no_network_work_to_the_models_it_runs(segmenter, skipping_segmenter):
+    # the coarse pass's tiles are tiles of the real pass and their outputs are reused: a model that is run
+    # calls its network exactly as often as without skipping; a skipped one at most as often
+    image = _knee_in_a_large_field_of_view()
+    plain_calls, _ = _network_calls(segmenter, image)
+    skip_calls, skipped = _network_calls(skipping_segmenter, image)
+    assert any(plain_calls[d] > 1 for d in skipped.models_run)  # several tiles, so a cover could be smaller
+    for d in skipped.models_run:
+        assert skip_calls[d] == plain_calls[d], (d, skip_calls, plain_calls)
+    for d in skipped.extra["skipped_absent"]:
+        assert 0 < skip_calls[d] <= plain_calls[d], (d, skip_calls, plain_calls)

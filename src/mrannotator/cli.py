@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fast", action="store_true",
                    help="bf16 (CPU with native bf16) / fp16 (CUDA): faster, labels may differ at close calls")
     s.add_argument("--skip-absent-regions", action="store_true",
-                   help="skip a region model whose coarse pass (non-overlapping tiles) finds none of its structures")
+                   help="skip a region model whose coarse pass (a covering subset of its tiles) finds none of its "
+                        "structures")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_segment)
 

@@ -314,15 +314,17 @@ class Segmenter:
         pred = m.predictor
         data, props = self._preprocess(m, arr, affine)
         data = torch.from_numpy(data)
-        logits = None
+        logits = tiles = None
         if presence_check:
-            found, logits = self._presence_pass(m, data)
+            tiles = _TileOutputs()
+            found, logits = self._presence_pass(m, data, tiles)
             if not found:
                 say(f"{m.dataset}: none of its structures found by the coarse pass, skipped")
                 return None
         if logits is None:
-            say(f"{m.dataset}: predicting ({len(m.structures)} structures, {self.mode})")
-            logits = self._logits(m, data)
+            say(f"{m.dataset}: predicting ({len(m.structures)} structures, {self.mode}"
+                + (f"; {len(tiles.items)} tiles from the coarse pass" if tiles else "") + ")")
+            logits = self._logits(m, data, wrap_predict=tiles.replaying if tiles else None)
         out = convert_predicted_logits_to_segmentation_with_correct_shape(
             logits, pred.plans_manager, pred.configuration_manager, pred.label_manager, props,
             return_probabilities=with_probs,
@@ -346,37 +348,105 @@ class Segmenter:
                                          pred.dataset_json)
         return data, props
 
-    def _logits(self, m: RegionModel, data, tile_step_size: float | None = None):
-        """nnU-Net's sliding window on preprocessed data (with another tile step if given), on the CPU."""
+    def _logits(self, m: RegionModel, data, select_tiles=None, wrap_predict=None):
+        """nnU-Net's sliding window on preprocessed data, on the CPU.
+
+        ``select_tiles`` keeps only some of nnU-Net's tiles (a function of its list of tile slicers);
+        ``wrap_predict`` wraps its per-tile network call. Both are set on this predictor for this call only.
+        """
         pred = m.predictor
-        keep = pred.tile_step_size
-        pred.tile_step_size = keep if tile_step_size is None else tile_step_size
+        patched = {}
+        if select_tiles is not None:
+            slicers = pred._internal_get_sliding_window_slicers
+            patched["_internal_get_sliding_window_slicers"] = lambda size: select_tiles(slicers(size))
+        if wrap_predict is not None:
+            patched["_internal_maybe_mirror_and_predict"] = wrap_predict(pred._internal_maybe_mirror_and_predict)
+        vars(pred).update(patched)
         try:
             with self._autocast:
                 return pred.predict_logits_from_preprocessed_data(data).cpu()
         finally:
-            pred.tile_step_size = keep
+            for name in patched:
+                delattr(pred, name)  # back to nnU-Net's own methods
 
-    def _presence_pass(self, m: RegionModel, data):
-        """Cheap presence check: the model's own sliding window at full resolution with non-overlapping tiles.
+    def _presence_pass(self, m: RegionModel, data, tiles: _TileOutputs):
+        """Cheap presence check: the fewest of the real pass's own tiles that cover the image, at full resolution.
 
         Returns (found, logits): found is False if no voxel gets a foreground class; logits are those of the
-        real pass when the check's tiling is the real one (any image within one patch), else None. The
-        network sees exactly what it was trained on (full-resolution, patch-sized tiles): a
-        half-resolution pass was tried first and measured unsafe (the prostate model missed a whole
-        prostate at half resolution, and the nnU-Net networks' instance norms misbehave on inputs of
-        another extent).
+        real pass when the check needed all its tiles (any image within about one patch per axis), else None.
+        The network outputs of the check's tiles are kept in ``tiles`` and reused by the real pass, so a model
+        that is not skipped costs no extra network work. The network sees what it was trained on
+        (full-resolution, patch-sized tiles): a half-resolution pass was tried first and measured unsafe (the
+        prostate model missed a whole prostate at half resolution).
         """
-        from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window as steps
+        used = {}
 
-        logits = self._logits(m, data, tile_step_size=1.0)
+        def covering(slicers):
+            keep = _covering_tiles(slicers)
+            used["all"] = len(keep) == len(slicers)
+            return keep
+
+        logits = self._logits(m, data, select_tiles=covering, wrap_predict=tiles.recording)
         if not bool((logits.argmax(0) > 0).any()):
             return False, None
-        # nnU-Net pads the tiled axes to at least one patch, then steps over them as computed here
-        patch = m.predictor.configuration_manager.patch_size
-        padded = [max(n, p) for n, p in zip(data.shape[-len(patch):], patch, strict=True)]
-        same = steps(padded, patch, 1.0) == steps(padded, patch, self.tile_step_size)
-        return True, (logits if same else None)
+        return True, (logits if used["all"] else None)
+
+
+def _covering_tiles(slicers: list[tuple]) -> list[tuple]:
+    """The fewest of nnU-Net's sliding-window tiles that still cover every voxel.
+
+    Along each axis, the greedy cover of the tile starts (from the first start, each time the furthest start
+    that leaves no gap); a tile is kept if its start on every axis is in that axis's cover. A 2D model's
+    slice index (an int, not a slice) keeps every value.
+    """
+    def start(c):
+        return c.start if isinstance(c, slice) else None
+
+    chosen = []
+    for ax in range(1, len(slicers[0])):
+        cuts = [s[ax] for s in slicers]
+        if not isinstance(cuts[0], slice):
+            chosen.append(None)
+            continue
+        starts = sorted({c.start for c in cuts})
+        size = cuts[0].stop - cuts[0].start
+        end = max(c.stop for c in cuts)
+        keep = [starts[0]]
+        while keep[-1] + size < end:
+            keep.append(max(x for x in starts if x <= keep[-1] + size))
+        chosen.append(set(keep))
+    return [s for s in slicers
+            if all(ok is None or start(c) in ok for ok, c in zip(chosen, s[1:], strict=True))]
+
+
+class _TileOutputs:
+    """Network outputs of sliding-window tiles, kept by the presence pass and given back to the real pass.
+
+    Matched by input: the same tile of the same preprocessed image through the same network gives the same
+    output, so the real pass sums exactly what it would have computed itself (labels identical to no check).
+    """
+
+    def __init__(self):
+        self.items: list[tuple] = []  # (tile input, network output)
+
+    def recording(self, predict):
+        def run(x):
+            y = predict(x)
+            self.items.append((x, y.clone()))  # nnU-Net scales the returned output in place
+            return y
+
+        return run
+
+    def replaying(self, predict):
+        import torch
+
+        def run(x):
+            for i, (seen, _) in enumerate(self.items):
+                if seen.shape == x.shape and torch.equal(seen, x):
+                    return self.items.pop(i)[1]
+            return predict(x)
+
+        return run
 
 
 def segment(image, **kwargs) -> Segmentation:
