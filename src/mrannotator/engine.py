@@ -323,7 +323,7 @@ class Segmenter:
                 return None
         if logits is None:
             say(f"{m.dataset}: predicting ({len(m.structures)} structures, {self.mode}"
-                + (f"; {len(tiles.items)} tiles from the coarse pass" if tiles else "") + ")")
+                + (f"; {len(tiles.items)} tiles from the coarse pass" if tiles and tiles.items else "") + ")")
             logits = self._logits(m, data, wrap_predict=tiles.replaying if tiles else None)
         out = convert_predicted_logits_to_segmentation_with_correct_shape(
             logits, pred.plans_manager, pred.configuration_manager, pred.label_manager, props,
@@ -387,7 +387,10 @@ class Segmenter:
             return keep
 
         logits = self._logits(m, data, select_tiles=covering, wrap_predict=tiles.recording)
-        if not bool((logits.argmax(0) > 0).any()):
+        found = bool((logits.argmax(0) > 0).any())
+        if not found or used["all"]:
+            tiles.items.clear()  # no real pass follows that could use them
+        if not found:
             return False, None
         return True, (logits if used["all"] else None)
 
