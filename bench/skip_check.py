@@ -9,16 +9,19 @@ often as without skipping); medians of 3 after a warm-up. Prints one JSON line l
 
 import argparse
 import json
-import statistics
-import time
-from collections import Counter
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 
 from mrannotator import Segmenter
-from mrannotator.phantoms import make_phantom
+from mrannotator.performance import count_network_calls
+from mrannotator.phantoms import in_larger_field_of_view, make_phantom
+
+sys.path.insert(0, str(Path(__file__).parent))
+from region_skip import median_time  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--device", default="cuda")
@@ -29,40 +32,18 @@ sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 plain = Segmenter(device=dev)
 skip = Segmenter(device=dev, skip_absent_regions=True)
 
-
-def big(img):
-    d = np.asarray(img.dataobj)
-    b = np.zeros((3 * d.shape[0], 2 * d.shape[1], d.shape[2]), d.dtype) + d.min()
-    b[: d.shape[0], : d.shape[1]] = d
-    return nib.Nifti1Image(b, img.affine)
-
-
 cases = {r: make_phantom(r, seed=20_501).image for r in ("abdomen", "prostate", "knee", "spine")}
-cases["knee_large_fov"] = big(make_phantom("knee", seed=20_502).image)
+cases["knee_large_fov"] = in_larger_field_of_view(make_phantom("knee", seed=20_502).image)
 cases["real_mr"] = nib.load(args.real_mr)
 
 
 def calls_and_result(seg, img):
-    n = Counter()
-    hooks = [m.predictor.network.register_forward_hook(lambda mod, i, o, d=m.dataset: n.update([d]))
-             for m in seg.models]
-    try:
+    with count_network_calls(seg) as n:
         return n, seg.segment(img)
-    finally:
-        for h in hooks:
-            h.remove()
 
 
-def med(fn, runs=3):
-    fn()
-    ts = []
-    for _ in range(runs):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t)
-    return round(statistics.median(ts), 3)
+def med(fn):
+    return round(median_time(fn, 3, sync), 3)
 
 
 out = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "torch": torch.__version__, "rows": {}}

@@ -5,14 +5,11 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
-import nibabel as nib
 import numpy as np
 import pytest
 
-from mrannotator.performance import cpu_supports_bf16, tune_allocator
-from mrannotator.phantoms import make_phantom
+from mrannotator.performance import count_network_calls, cpu_supports_bf16, tune_allocator
+from mrannotator.phantoms import in_larger_field_of_view, make_phantom
 
 HELD_OUT = 20_500  # seeds never used in training (< 1000) nor in the weights' own held-out set (10000+)
 REGIONS = ["abdomen", "pelvis", "prostate", "shoulder", "knee", "spine"]
@@ -89,11 +86,7 @@ def test_region_skipping_skips_only_silent_models_and_changes_no_label(region, s
 
 def _knee_in_a_large_field_of_view():
     # a knee phantom inside a field of view six times its size: several patches of every model
-    ph = make_phantom("knee", seed=HELD_OUT + 2)
-    data = np.asarray(ph.image.dataobj)
-    big = np.zeros((3 * data.shape[0], 2 * data.shape[1], data.shape[2]), data.dtype) + data.min()
-    big[: data.shape[0], : data.shape[1]] = data
-    return nib.Nifti1Image(big, ph.image.affine)
+    return in_larger_field_of_view(make_phantom("knee", seed=HELD_OUT + 2).image)
 
 
 def test_region_skipping_on_an_image_of_several_patches(segmenter, skipping_segmenter):
@@ -107,15 +100,9 @@ def test_region_skipping_on_an_image_of_several_patches(segmenter, skipping_segm
 
 
 def _network_calls(seg, image):
-    """(network calls per model, result) of one segment call, counted by forward hooks on nnU-Net's networks."""
-    calls = Counter()
-    hooks = [m.predictor.network.register_forward_hook(lambda mod, i, o, d=m.dataset: calls.update([d]))
-             for m in seg.models]
-    try:
+    """(network calls per model, result) of one segment call."""
+    with count_network_calls(seg) as calls:
         return calls, seg.segment(image)
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def test_region_skipping_adds_no_network_work_to_the_models_it_runs(segmenter, skipping_segmenter):

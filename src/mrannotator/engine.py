@@ -349,7 +349,7 @@ class Segmenter:
         return data, props
 
     def _logits(self, m: RegionModel, data, select_tiles=None, wrap_predict=None):
-        """nnU-Net's sliding window on preprocessed data, on the CPU.
+        """nnU-Net's sliding window on preprocessed data; the logits are returned on the CPU.
 
         ``select_tiles`` keeps only some of nnU-Net's tiles (a function of its list of tile slicers);
         ``wrap_predict`` wraps its per-tile network call. Both are set on this predictor for this call only.

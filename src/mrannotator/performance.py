@@ -89,3 +89,22 @@ def keep_edges_fp32(network) -> int:
         module._mrannotator_fp32 = True
         changed += 1
     return changed
+
+
+@contextlib.contextmanager
+def count_network_calls(segmenter):
+    """Within the block, count each region model's network calls (one per sliding-window tile).
+
+    Yields a Counter keyed by dataset name, filled by forward hooks on nnU-Net's networks; the hooks are
+    removed on exit.
+    """
+    from collections import Counter
+
+    calls = Counter()
+    hooks = [m.predictor.network.register_forward_hook(lambda mod, i, o, d=m.dataset: calls.update([d]))
+             for m in segmenter.models]
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()

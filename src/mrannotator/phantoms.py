@@ -342,6 +342,18 @@ def make_phantom(region: str, seed: int = 0, orientation: str = "LAS", oblique_d
     return Phantom(region=gen, image=image, labels=label_img, structures=present)
 
 
+def in_larger_field_of_view(image: nib.Nifti1Image, factors=(3, 2, 1)) -> nib.Nifti1Image:
+    """The image at the first corner of a volume ``factors`` times its size, filled with its minimum.
+
+    Same voxel grid origin and spacing (the affine is kept): an image that spans several patches of every
+    model, with the anatomy where it was.
+    """
+    d = np.asarray(image.dataobj)
+    big = np.full(tuple(n * f for n, f in zip(d.shape, factors, strict=True)), d.min(), d.dtype)
+    big[tuple(slice(0, n) for n in d.shape)] = d
+    return nib.Nifti1Image(big, image.affine)
+
+
 def to_model_labels(catalogue_labels: np.ndarray, dataset_labels: dict[str, int]) -> np.ndarray:
     """Map catalogue ids to a model's dataset.json label values; structures it lacks become 0."""
     cat = load_catalogue()
