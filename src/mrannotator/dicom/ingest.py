@@ -225,8 +225,9 @@ def load_series(series: Series) -> nib.Nifti1Image:
             volume = np.empty((nx, ny, nz), frame.dtype)
         volume[:, :, k] = frame.T  # (row, column) -> (i = column, j = row)
     img = nib.Nifti1Image(volume, series.affine)
-    img.set_qform(series.affine, code=1)
-    img.set_sform(series.affine, code=1)
+    # scanner frame; the in-memory affine keeps float64 (the header's copy is float32)
+    img.set_qform(series.affine, code=1, update_affine=False)
+    img.set_sform(series.affine, code=1, update_affine=False)
     return img
 
 
