@@ -56,7 +56,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
-    from mrannotator.dicom import write_series
+    sys.path.insert(0, str(ROOT / "tests"))
+    from dicom_fixtures import write_series  # the test fixture writer
 
     work = Path(tempfile.mkdtemp(prefix="map-bench-"))
     write_series(REAL_MR, work / "dicom")

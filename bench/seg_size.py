@@ -5,7 +5,7 @@
 The label map is a composite of every phantom region (abdomen, pelvis, prostate, shoulder, knee,
 spine: the catalogue's structures, each with a realistic extent), upsampled without interpolation to
 a clinical grid (1.5 mm in-plane, 3 mm slices, 320 x 320 matrix) and stacked head to foot. It is
-written as a DICOM MR series (mrannotator.dicom.write_series) and SEGs are made against it. Each SEG
+written as a DICOM MR series (tests/dicom_fixtures.write_series) and SEGs are made against it. Each SEG
 is checked with dciodvfy (Debian dicom3tools) when it is on PATH.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +24,12 @@ import numpy as np
 from scipy import ndimage
 
 from mrannotator.catalogue import load_catalogue
-from mrannotator.dicom import make_seg, read_series, write_series
+from mrannotator.dicom import make_seg
 from mrannotator.orientation import reorient_to, voxel_spacing
 from mrannotator.phantoms import make_phantom
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from dicom_fixtures import read_series, write_series  # noqa: E402  (the test fixture writer, not product code)
 
 REGIONS = ("spine", "shoulder", "abdomen", "pelvis", "prostate", "knee")
 IN_PLANE, SLICE, MATRIX = 1.5, 3.0, 320

@@ -192,6 +192,9 @@ def test_scan_names_every_series_and_every_skipped_path(tmp_path):
     write_series(loc, tmp_path / "loc", series_number=1, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), **study)
     gap = write_series(big, tmp_path / "gap", series_number=6, series_description="T2 big, one slice lost", **study)
     gap[20].unlink()
+    echoes = {"series_instance_uid": pydicom.uid.generate_uid(), "series_number": 9, **study}
+    for echo in ("te1", "te2"):  # two echoes in one series: every position twice
+        write_series(image, tmp_path / "multi_echo" / echo, prefix=echo, **echoes)
     (tmp_path / "notes.txt").write_text("not DICOM")
     add_broken_links(tmp_path / "t2")
 
@@ -205,6 +208,7 @@ def test_scan_names_every_series_and_every_skipped_path(tmp_path):
     assert reasons[2] == "modality CT: MRAnnotator segments MR only"
     assert reasons[4].startswith("derived image") and reasons[1] == "localizer / scout"
     assert "gaps 6.000..12.000 mm" in reasons[6] and "incomplete" in reasons[6]
+    assert "several slices share one position (multi-echo" in reasons[9]
     skipped = {p.name: why for p, why in scan.skipped}
     assert skipped["notes.txt"] == "not a DICOM file"
     assert skipped["aaa_dangling.dcm"].startswith("dangling symlink")

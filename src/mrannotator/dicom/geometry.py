@@ -81,7 +81,7 @@ def stack_geometry(datasets: Sequence[Dataset]) -> tuple[list[int], np.ndarray]:
     positions = positions[order]
     steps = np.diff(positions, axis=0)
     step = steps.mean(axis=0)
-    if np.linalg.norm(step) < POS_TOL_MM:
+    if np.linalg.norm(steps, axis=1).min() < POS_TOL_MM:
         raise StackError("several slices share one position (multi-echo or multi-phase series?); split it first")
     if np.abs(steps - step).max() > max(POS_TOL_MM, 1e-3 * np.linalg.norm(step)):
         gaps = np.linalg.norm(steps, axis=1)

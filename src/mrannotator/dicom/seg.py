@@ -24,39 +24,15 @@ def _code(c):
     return Code(c.code, c.scheme, c.meaning)
 
 
-def make_seg(
-    labels: nib.Nifti1Image,
-    structures,
-    source_datasets: Sequence[Dataset],
-    *,
-    weights: dict,
-    model_creator: str = "MRAnnotator project",
-    model_name: str = "MRAnnotator nnU-Net v2",
-    model_version: str | None = None,
-    device_uid: str | None = None,
-    series_number: int | None = None,
-):
-    """A DICOM SEG (BINARY, empty frames omitted) of a catalogue label map on a series' own grid.
-
-    ``labels`` must lie on the grid of ``source_datasets`` as :func:`mrannotator.dicom.load_series` builds it
-    (slice k = k-th instance along the slice normal). One segment per structure present, numbered in
-    catalogue id order, with the catalogue's SNOMED category / type, laterality modifier and colour,
-    the algorithm identification (name, version, weights used) and the model in the contributing
-    equipment (Manufacturer, model name, version, Device UID), as IHE AIR asks.
-    """
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
-    from .. import __version__
-
+def _frames(labels: nib.Nifti1Image, structures, source_datasets: Sequence[Dataset]):
+    """(source instances in slice order, segment frames (slice, row, column), catalogue ids present)."""
     order, affine = stack_geometry(source_datasets)
-    ordered = [source_datasets[i] for i in order]
     if not np.allclose(affine, labels.affine, atol=1e-3):
         raise ValueError("the label map does not lie on the grid of the source series")
     data = np.asanyarray(labels.dataobj)
     present = sorted({int(v) for v in np.unique(data)} - {0})
-    by_id = {s.id: s for s in structures}
-    missing = [v for v in present if v not in by_id]
+    known = {s.id for s in structures}
+    missing = [v for v in present if v not in known]
     if missing:
         raise ValueError(f"label values {missing} have no catalogue structure")
     if not present:
@@ -64,17 +40,14 @@ def make_seg(
     lut = np.zeros(256, np.uint8)
     for n, sid in enumerate(present, 1):
         lut[sid] = n
-    frames = lut[data].transpose(2, 1, 0)  # (slice, row, column), slice order = ordered
+    return [source_datasets[i] for i in order], lut[data].transpose(2, 1, 0), present
 
-    version = model_version or __version__
-    models = ",".join(weights.get("models", []))
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=ALGORITHM_NAME,
-        family=codes.cid7162.ArtificialIntelligence,
-        version=version[:64],
-        source=f"{weights.get('source', '?')} weights"[:64],
-        parameters={"weights": str(weights.get("source", "?")), "models": models},
-    )
+
+def _segment_descriptions(present: list[int], structures, algorithm) -> list:
+    """One segment per structure present, numbered 1..N in catalogue id order, with its codes and colour."""
+    import highdicom as hd
+
+    by_id = {s.id: s for s in structures}
     descriptions = []
     for n, sid in enumerate(present, 1):
         s = by_id[sid]
@@ -94,20 +67,64 @@ def make_seg(
                 hd.sr.CodedConcept(s.laterality.code, s.laterality.scheme, s.laterality.meaning)
             ]
         descriptions.append(d)
+    return descriptions
+
+
+def _provenance(weights: dict, version: str, model_creator: str, model_name: str):
+    """(algorithm identification, the model's contributing equipment item), as IHE AIR asks."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    source = str(weights.get("source", "?"))
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=ALGORITHM_NAME,
+        family=codes.cid7162.ArtificialIntelligence,
+        version=version[:64],
+        source=f"{source} weights"[:64],
+        parameters={"weights": source, "models": ",".join(weights.get("models", []))},
+    )
     equipment = hd.ContributingEquipment(
         manufacturer=model_creator,
         # CID 7005 (DCM 109102); IHE AIR's placeholder (Newcode1, 99IHE) is not a valid DICOM code
         purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=f"{model_name} ({weights.get('source', '?')} weights)"[:64],
+        manufacturer_model_name=f"{model_name} ({source} weights)"[:64],
         software_versions=version[:64],
     )
-    src = ordered[0]
-    number = series_number if series_number is not None else 1000 + int(getattr(src, "SeriesNumber", 0) or 0)
+    return algorithm, equipment
+
+
+def make_seg(
+    labels: nib.Nifti1Image,
+    structures,
+    source_datasets: Sequence[Dataset],
+    *,
+    weights: dict,
+    model_creator: str = "MRAnnotator project",
+    model_name: str = "MRAnnotator nnU-Net v2",
+    model_version: str | None = None,
+    device_uid: str | None = None,
+    series_number: int | None = None,
+):
+    """A DICOM SEG (BINARY, empty frames omitted) of a catalogue label map on a series' own grid.
+
+    ``labels`` must lie on the grid of ``source_datasets`` as :func:`mrannotator.dicom.load_series` builds
+    it (slice k = k-th instance along the slice normal; the headers are enough, no pixel data). One segment
+    per structure present, numbered in catalogue id order, with the catalogue's SNOMED category / type,
+    laterality modifier and colour, the algorithm identification (name, version, weights used) and the
+    model in the contributing equipment (Manufacturer, model name, version, Device UID), as IHE AIR asks.
+    """
+    import highdicom as hd
+
+    from .. import __version__
+
+    ordered, frames, present = _frames(labels, structures, source_datasets)
+    algorithm, equipment = _provenance(weights, model_version or __version__, model_creator, model_name)
+    number = series_number if series_number is not None else 1000 + int(getattr(ordered[0], "SeriesNumber", 0) or 0)
     seg = hd.seg.Segmentation(
         source_images=ordered,
         pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
+        segment_descriptions=_segment_descriptions(present, structures, algorithm),
         series_instance_uid=hd.UID(),
         series_number=number % 2**31,
         sop_instance_uid=hd.UID(),
