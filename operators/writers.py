@@ -38,6 +38,7 @@ class DICOMSegWriterOperator(Operator):
         seg = make_seg(
             s.result.labels, s.result.structures, s.source_datasets, weights=s.result.weights,
             model_creator=info.creator, model_name=info.name, model_version=info.version, device_uid=info.uid,
+            source_affine=s.volume.affine,  # the selector sorted the series once; the SEG writer does not again
         )
         write_atomic(self.output_folder / SEG_FILE, lambda tmp: seg.save_as(tmp, enforce_file_format=True))
         logging.getLogger(__name__).info(

@@ -221,6 +221,34 @@ def scan_number(rejected) -> str:
     return rejected.description.split()[1]
 
 
+def test_each_series_is_sorted_once_from_scan_to_seg(tmp_path, monkeypatch):
+    """The MAP's path (find_series -> load_series -> make_seg) sorts each series once, in find_series."""
+    from mrannotator.catalogue import load_catalogue
+    from mrannotator.dicom import geometry, ingest, make_seg
+    from mrannotator.dicom import seg as seg_module
+
+    sorted_series = []
+
+    def counting(datasets):
+        sorted_series.append(datasets[0].SeriesInstanceUID)
+        return geometry.stack_geometry(datasets)
+
+    monkeypatch.setattr(ingest, "stack_geometry", counting)
+    monkeypatch.setattr(seg_module, "stack_geometry", counting)
+    ph = make_phantom("abdomen", seed=7, orientation="axial")
+    write_series(ph.image, tmp_path / "a", series_number=1)
+    write_series(ph.image, tmp_path / "b", series_number=2)
+    scan = find_series(tmp_path)
+    series = scan.series[0]
+    volume = load_series(series)
+    labels = nib.Nifti1Image(np.asanyarray(ph.labels.dataobj), volume.affine)  # same stored order (axial)
+    assert same_voxels_in_space(volume, ph.image)
+    seg = make_seg(labels, load_catalogue().structures, series.datasets, weights={"source": "test"},
+                   source_affine=series.affine)
+    assert sorted(sorted_series) == sorted(s.uid for s in scan.series)  # once each, none in make_seg
+    assert len(seg.SegmentSequence) == len(ph.structures)
+
+
 def test_series_uid_picks_or_names_the_problem(tmp_path):
     image = phantom("axial")
     data = np.asanyarray(image.dataobj)

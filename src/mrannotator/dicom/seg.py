@@ -24,9 +24,12 @@ def _code(c):
     return Code(c.code, c.scheme, c.meaning)
 
 
-def _frames(labels: nib.Nifti1Image, structures, source_datasets: Sequence[Dataset]):
+def _frames(labels: nib.Nifti1Image, structures, source_datasets: Sequence[Dataset], source_affine=None):
     """(source instances in slice order, segment frames (slice, row, column), catalogue ids present)."""
-    order, affine = stack_geometry(source_datasets)
+    if source_affine is None:
+        order, affine = stack_geometry(source_datasets)
+    else:  # already sorted by mrannotator.dicom.find_series (a Series' datasets and affine): no second sort
+        order, affine = list(range(len(source_datasets))), np.asarray(source_affine, float)
     if not np.allclose(affine, labels.affine, atol=1e-3):
         raise ValueError("the label map does not lie on the grid of the source series")
     data = np.asanyarray(labels.dataobj)
@@ -104,6 +107,7 @@ def make_seg(
     model_version: str | None = None,
     device_uid: str | None = None,
     series_number: int | None = None,
+    source_affine: np.ndarray | None = None,
 ):
     """A DICOM SEG (BINARY, empty frames omitted) of a catalogue label map on a series' own grid.
 
@@ -112,12 +116,14 @@ def make_seg(
     per structure present, numbered in catalogue id order, with the catalogue's SNOMED category / type,
     laterality modifier and colour, the algorithm identification (name, version, weights used) and the
     model in the contributing equipment (Manufacturer, model name, version, Device UID), as IHE AIR asks.
+    With ``source_affine`` (a :class:`~mrannotator.dicom.Series`' ``affine``, its ``datasets`` as the source)
+    the instances are taken as already in slice order.
     """
     import highdicom as hd
 
     from .. import __version__
 
-    ordered, frames, present = _frames(labels, structures, source_datasets)
+    ordered, frames, present = _frames(labels, structures, source_datasets, source_affine)
     algorithm, equipment = _provenance(weights, model_version or __version__, model_creator, model_name)
     number = series_number if series_number is not None else 1000 + int(getattr(ordered[0], "SeriesNumber", 0) or 0)
     seg = hd.seg.Segmentation(
