@@ -106,6 +106,8 @@ class SeriesScan:
 
     def _nothing_message(self) -> str:
         skipped = "\n  ".join(f"skipped {p}: {why}" for p, why in self.skipped[:20])
+        if len(self.skipped) > 20:
+            skipped += f"\n  ... and {len(self.skipped) - 20} more skipped"
         if not self.rejected:
             return f"no DICOM series found in {self.root}" + (f"\n  {skipped}" if skipped else "")
         found = "\n  ".join(f"{r.description}: {r.reason}" for r in self.rejected)
