@@ -161,6 +161,11 @@ class Segmenter:
         probabilities: bool = False,
         progress: Callable[[str], None] | None = None,
     ) -> Segmentation:
+        """Segment one image (path, DICOM folder, nibabel or SimpleITK image) with the models of ``regions``.
+
+        ``structures`` keeps only those (catalogue names); ``probabilities`` also returns each structure's
+        softmax map on the input grid; ``progress`` receives one line per step.
+        """
         t0 = time.perf_counter()
         say = progress or (lambda msg: None)
         img = load_image(image)
@@ -181,40 +186,18 @@ class Segmenter:
             if out is None:
                 skipped.append(m.dataset)
                 continue
-            seg, probs = out
-            # back to the input grid (exact permutation/flip), then catalogue ids
-            seg = reo.restore(seg)
-            ids = m.lut()[seg]
-            if keep is not None:
-                ids[~np.isin(ids, list(keep))] = 0
-            conf = None
-            if probs is not None:
-                probs = np.stack([reo.restore(p) for p in probs])
-                conf = np.take_along_axis(probs, seg[None].astype(np.intp), 0)[0]
-                if probs_out is not None:
-                    for v, s in m.structures.items():
-                        if keep is None or s.id in keep:
-                            probs_out[s.id] = probs[v]
+            ids, conf = self._to_input_grid(m, *out, reo, keep, probs_out)
             if merged is None:
                 merged, best = ids, conf
-                continue
-            fg = ids > 0
-            both = fg & (merged > 0)
-            overlaps += int(both.sum())
-            take = fg & ((merged == 0) | (conf > best))
-            merged[take] = ids[take]
-            best[take] = conf[take]
+            else:
+                overlaps += _claim(merged, best, ids, conf)
         if merged is None:  # every model's presence check came back empty
             merged = np.zeros(data.shape, np.uint8)
         merged = merged.astype(np.uint8)
         present = set(np.unique(merged).tolist()) - {0}
         by_id = {s.id: s for m in models for s in m.structures.values()}
-        out = nib.Nifti1Image(merged, img.affine)
-        out.set_qform(img.affine, code=1)
-        out.set_sform(img.affine, code=1)
-        out.header["descrip"] = f"MRAnnotator {self.weights.source} weights".encode()[:79]
         return Segmentation(
-            labels=out,
+            labels=_label_image(merged, img.affine, f"MRAnnotator {self.weights.source} weights"),
             structures=[by_id[i] for i in sorted(present)],
             weights=self.weights.describe(),
             models_run=[m.dataset for m in models if m.dataset not in skipped],
@@ -226,6 +209,27 @@ class Segmenter:
         )
 
     # ---------------------------------------------------------------- internals
+    @staticmethod
+    def _to_input_grid(m: RegionModel, seg: np.ndarray, probs: np.ndarray | None, reo, keep: set[int] | None,
+                       probs_out: dict | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """One model's output back on the input grid (exact permutation/flip) as catalogue ids.
+
+        Returns (ids, the probability of each voxel's own label or None); fills ``probs_out`` if given.
+        """
+        seg = reo.restore(seg)
+        ids = m.lut()[seg]
+        if keep is not None:
+            ids[~np.isin(ids, list(keep))] = 0
+        if probs is None:
+            return ids, None
+        probs = np.stack([reo.restore(p) for p in probs])
+        conf = np.take_along_axis(probs, seg[None].astype(np.intp), 0)[0]
+        if probs_out is not None:
+            for v, s in m.structures.items():
+                if keep is None or s.id in keep:
+                    probs_out[s.id] = probs[v]
+        return ids, conf
+
     def _select(self, regions, structures) -> list[RegionModel]:
         wanted = expand_regions(regions)
         models = [m for m in self.models if wanted is None or set(m.folder.regions()) & wanted]
@@ -311,6 +315,27 @@ class Segmenter:
         if not found:
             return False, None
         return True, (logits if used["all"] else None)
+
+
+def _claim(merged: np.ndarray, best: np.ndarray, ids: np.ndarray, conf: np.ndarray) -> int:
+    """One more model's labels into the merged map, in place (overlap rule: see the module doc).
+
+    Returns the number of voxels both had claimed as foreground.
+    """
+    fg = ids > 0
+    overlaps = int((fg & (merged > 0)).sum())
+    take = fg & ((merged == 0) | (conf > best))
+    merged[take] = ids[take]
+    best[take] = conf[take]
+    return overlaps
+
+
+def _label_image(labels: np.ndarray, affine: np.ndarray, description: str) -> nib.Nifti1Image:
+    out = nib.Nifti1Image(labels, affine)
+    out.set_qform(affine, code=1)
+    out.set_sform(affine, code=1)
+    out.header["descrip"] = description.encode()[:79]
+    return out
 
 
 def _covering_tiles(slicers: list[tuple]) -> list[tuple]:

@@ -164,8 +164,6 @@ def finetune(
     ``dest`` becomes a trained-model folder (``DatasetXXX_Name/TRAINER__PLANS__3d_fullres``, like the
     release); its checkpoint is replaced atomically only after training ended normally.
     """
-    import torch
-
     if epochs < 1 or iterations < 1 or val_iterations < 1:
         raise FinetuneError("epochs, iterations and validation iterations must be at least 1")
     if not cases:
@@ -185,21 +183,9 @@ def finetune(
     try:
         with nnunet.nnunet_folders(work):
             pre, names = prepare_dataset(model, cases, catalogue_to_model, work)
-            plans = nnunet.trainer_plans(json.loads((pre / "nnUNetPlans.json").read_text()))
-            dataset_json = json.loads((pre / "dataset.json").read_text())
             cls = nnunet.short_schedule_trainer(epochs, iterations, val_iterations, learning_rate, report)
             _seed(seed)
-            dev = torch.device("cuda" if device.startswith("cuda") and torch.cuda.is_available() else "cpu")
-            with contextlib.redirect_stdout(io.StringIO()) as log:
-                trainer = cls(plans, CONFIGURATION, "all", dataset_json, dev)
-                trainer.initialize()
-                nnunet.load_every_weight(trainer, model.checkpoint)
-                try:
-                    trainer.run_training()
-                except Exception as e:
-                    raise FinetuneError(f"{model.dataset}: nnU-Net training failed: {type(e).__name__}: {e}\n"
-                                        f"{log.getvalue()[-2000:]}") from e
-            weights = nnunet.network_weights(trainer)
+            weights, dev = _train(cls, model, pre, device)
         checkpoint = export_checkpoint(model, weights, dest, {
             "trained_with": f"{cls.__name__} (fine-tune: {epochs} epochs x {iterations} iterations, "
                             f"lr {learning_rate}, {dev.type})",
@@ -212,6 +198,28 @@ def finetune(
             shutil.rmtree(work, ignore_errors=True)
     return FinetuneResult(model=model.dataset, checkpoint=checkpoint, folder=checkpoint.parent.parent,
                           epochs=rows, cases=[c.name for c in cases], seconds=time.perf_counter() - t0)
+
+
+def _train(trainer_class, model: ModelFolder, pre: Path, device: str) -> tuple[dict, object]:
+    """nnU-Net training on the preprocessed dataset ``pre``, from every weight of the model's checkpoint.
+
+    Returns (the trained network weights on the CPU, the torch device it ran on).
+    """
+    import torch
+
+    plans = nnunet.trainer_plans(json.loads((pre / "nnUNetPlans.json").read_text()))
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    dev = torch.device("cuda" if device.startswith("cuda") and torch.cuda.is_available() else "cpu")
+    with contextlib.redirect_stdout(io.StringIO()) as log:
+        trainer = trainer_class(plans, CONFIGURATION, "all", dataset_json, dev)
+        trainer.initialize()
+        nnunet.load_every_weight(trainer, model.checkpoint)
+        try:
+            trainer.run_training()
+        except Exception as e:
+            raise FinetuneError(f"{model.dataset}: nnU-Net training failed: {type(e).__name__}: {e}\n"
+                                f"{log.getvalue()[-2000:]}") from e
+    return nnunet.network_weights(trainer), dev
 
 
 def export_checkpoint(model: ModelFolder, network_weights: dict, dest: Path, provenance: dict) -> Path:
