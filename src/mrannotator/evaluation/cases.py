@@ -8,7 +8,7 @@ from pathlib import Path
 from ..catalogue import load_catalogue
 from ..errors import InputError
 from ..imageio import IMAGE_SUFFIXES, case_name
-from .labelmaps import LabelMap, _target, load_label_map
+from .labelmaps import LabelMap, load_label_map, structure_id
 from .metrics import evaluate_case
 from .reports import Evaluation
 from .statistics import BOOTSTRAP_RESAMPLES, NORMALITY_ALPHA, summarise_regions, summarise_structures
@@ -68,7 +68,7 @@ def evaluate_pairs(pairs: Iterable[tuple[str, object, object]], *, set_name: str
     if structures is not None:
         ids = set()
         for s in structures:
-            ids.add(cat.by_id(int(s)).id if isinstance(s, int) or str(s).isdigit() else _target(s, "--structures",
+            ids.add(cat.by_id(int(s)).id if isinstance(s, int) or str(s).isdigit() else structure_id(s, "--structures",
                                                                                                    cat))
     skipped = list(skipped or [])
     rows = []

@@ -63,7 +63,8 @@ def load_label_map(source: str | Path, catalogue: LabelCatalogue | None = None) 
     return _parse_csv_map(text, str(path), cat)
 
 
-def _target(value, where: str, cat: LabelCatalogue) -> int | None:
+def structure_id(value, where: str, cat: LabelCatalogue) -> int | None:
+    """The catalogue id a label map entry names (a catalogue name or id); None for an empty entry."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
@@ -100,7 +101,7 @@ def _parse_csv_map(text: str, where: str, cat: LabelCatalogue) -> LabelMap:
         row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k}
         v = _value(row["value"], f"label map {where}, line {i}")
         target = row.get("structure", row.get("name", ""))
-        sid = _target(target, f"label map {where}, line {i}", cat)
+        sid = structure_id(target, f"label map {where}, line {i}", cat)
         if v in ids or v in ignored:
             raise InputError(f"label map {where}, line {i}: value {v} is listed twice")
         if sid is None:
@@ -131,7 +132,7 @@ def _parse_json_map(data, where: str, cat: LabelCatalogue) -> LabelMap:
         raise InputError(f"label map {where}: expected an object {{\"<value>\": \"<structure>\"}}")
     for key, target in data.items():
         v = _value(key, f"label map {where}")
-        sid = _target(target, f"label map {where}, value {v}", cat)
+        sid = structure_id(target, f"label map {where}, value {v}", cat)
         if sid is None:
             ignored[v] = "no catalogue structure"
         else:
