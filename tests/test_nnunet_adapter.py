@@ -137,3 +137,15 @@ def test_a_changed_signature_or_logger_key_fails_the_check(monkeypatch):
     problems = "\n".join(nnunet.check_internals())
     assert "_internal_maybe_mirror_and_predict now takes (self, image), expected (self, x)" in problems
     assert "LocalLogger.__init__ no longer uses train_losses" in problems
+
+
+def test_another_nnunetv2_release_is_named_at_import(monkeypatch):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    monkeypatch.setattr(nnunet, "installed_version", lambda: "2.9.0")
+    with pytest.warns(UserWarning, match=r"nnunetv2 2\.9\.0 is installed, MRAnnotator supports 2\.8\.1 only; every "
+                                         r"internal it relies on is still present"):
+        nnunet._warn_if_unsupported_version()
+    monkeypatch.delattr(nnUNetPredictor, "_internal_maybe_mirror_and_predict")
+    with pytest.warns(UserWarning, match=r"2\.9\.0 is installed.*_internal_maybe_mirror_and_predict is missing"):
+        nnunet._warn_if_unsupported_version()
