@@ -28,7 +28,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache")
+# demo_weights: the engine's packaged demo weights (a link to models/demo); the MAP gets its models from -m
+IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", "demo_weights")
 
 
 def stage(models: Path, stage_dir: Path) -> tuple[Path, Path]:

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from mrannotator.catalogue import REGIONS, load_catalogue
 
 RELEASE = {
@@ -51,3 +53,17 @@ def test_model_names_match_the_demo_datasets(demo_weights):
         dj = json.loads(next(demo_weights.glob(f"{ds}/*/dataset.json")).read_text())
         assert [k for k, v in sorted(dj["labels"].items(), key=lambda kv: kv[1]) if v] == labels
         assert all(cat.find(n) for n in labels)
+
+
+def test_regions_and_aliases_are_catalogue_data():
+    from mrannotator.catalogue import REGION_ALIASES, expand_regions, read_data_toml
+    from mrannotator.errors import InputError
+
+    data = read_data_toml("catalogue.toml")
+    assert tuple(data["regions"]) == REGIONS
+    assert expand_regions(["spine"]) == set(REGION_ALIASES["spine"]) == {"cervical_spine", "thoracic_spine",
+                                                                         "lumbar_spine"}
+    assert expand_regions(["Knee ", "lumbar"]) == {"knee", "lumbar_spine"}
+    assert expand_regions(["all"]) is None and expand_regions(None) is None
+    with pytest.raises(InputError, match="unknown region 'elbow'.*abdomen.*spine"):
+        expand_regions(["elbow"])

@@ -1,6 +1,8 @@
 """The label catalogue: every known structure with one stable id, region, SNOMED CT codes and colour.
 
-The data lives in ``data/catalogue.toml``; this module only loads and looks it up.
+The data lives in ``data/catalogue.toml`` (structures, the region list and the region aliases users may
+give); this module only loads and looks it up. Other tables that belong with it (e.g. how to route an
+image to regions) go next to it in ``data/`` and are read with :func:`read_data_toml`.
 """
 
 from __future__ import annotations
@@ -8,20 +10,55 @@ from __future__ import annotations
 import re
 import tomllib
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
-REGIONS = (
-    "abdomen",
-    "pelvis",
-    "prostate",
-    "shoulder",
-    "knee",
-    "cervical_spine",
-    "thoracic_spine",
-    "lumbar_spine",
-)
+from .errors import InputError
+
+
+@cache
+def read_data_toml(name: str) -> dict:
+    """A TOML table shipped in ``mrannotator/data`` (parsed once per process)."""
+    return tomllib.loads(resources.files("mrannotator").joinpath("data", name).read_text())
+
+
+_CATALOGUE_FILE = "catalogue.toml"
+REGIONS: tuple[str, ...] = tuple(read_data_toml(_CATALOGUE_FILE)["regions"])
+# region names a user may give beyond the regions themselves (e.g. "spine")
+REGION_ALIASES: dict[str, tuple[str, ...]] = {
+    alias: tuple(regions) for alias, regions in read_data_toml(_CATALOGUE_FILE).get("region_aliases", {}).items()
+}
+
+
+for _alias, _targets in REGION_ALIASES.items():
+    if _alias in REGIONS or not _targets or not set(_targets) <= set(REGIONS):
+        raise ValueError(f"catalogue: region alias {_alias!r} must be a new name for regions of {REGIONS}")
+
+
+def region_names() -> list[str]:
+    """Every name ``expand_regions`` accepts besides ``all``: the regions, then the aliases."""
+    return [*REGIONS, *REGION_ALIASES]
+
+
+def expand_regions(regions: Iterable[str] | None) -> set[str] | None:
+    """The catalogue regions meant by user-given names and aliases; None for all (None, "all" or "")."""
+    if regions is None:
+        return None
+    out: set[str] = set()
+    for r in regions:
+        r = r.strip().lower()
+        if r in ("all", ""):
+            return None
+        if r in REGION_ALIASES:
+            out.update(REGION_ALIASES[r])
+        elif r in REGIONS:
+            out.add(r)
+        else:
+            raise InputError(f"unknown region {r!r}; choose from {', '.join(region_names())}")
+    return out
+
 
 # Ids handed to model labels that the catalogue does not know start here (still below 256).
 FIRST_UNCATALOGUED_ID = 200
@@ -154,5 +191,4 @@ class LabelCatalogue:
 
 @cache
 def load_catalogue() -> LabelCatalogue:
-    text = resources.files("mrannotator").joinpath("data/catalogue.toml").read_text()
-    return LabelCatalogue(tomllib.loads(text))
+    return LabelCatalogue(read_data_toml(_CATALOGUE_FILE))

@@ -13,8 +13,8 @@ import time
 import warnings
 from pathlib import Path
 
+from .catalogue import region_names
 from .errors import MRAnnotatorError
-from .evaluation import add_cli as add_evaluate_cli
 
 
 class _Progress:
@@ -25,14 +25,6 @@ class _Progress:
     def __call__(self, msg: str) -> None:
         if not self.quiet:
             print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def _case_name(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".nrrd", ".mha"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
 
 
 def write_outputs(result, out_dir: Path, case: str, source: str) -> tuple[Path, Path]:
@@ -47,7 +39,7 @@ def write_outputs(result, out_dir: Path, case: str, source: str) -> tuple[Path, 
 
 def cmd_segment(args) -> int:
     from .engine import Segmenter
-    from .imageio import load_image
+    from .imageio import case_name, load_image
 
     progress = _Progress(args.quiet)
     src = Path(args.input)
@@ -60,7 +52,7 @@ def cmd_segment(args) -> int:
     progress(f"weights: {seg.weights.source} ({seg.weights.root}); models: "
              f"{', '.join(m.dataset for m in seg.models)}")
     result = seg.segment(image, structures=args.structures, progress=progress)
-    seg_path, json_path = write_outputs(result, Path(args.output), _case_name(src), str(src))
+    seg_path, json_path = write_outputs(result, Path(args.output), case_name(src), str(src))
     progress(f"{len(result.structures)} structures found in {result.seconds:.1f} s -> {seg_path}, {json_path}")
     if not args.quiet:
         for row in result.summary()["structures"]:
@@ -94,17 +86,38 @@ def cmd_weights(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mrannotator", description="MRI multi-structure segmentation (nnU-Net v2)")
-    sub = ap.add_subparsers(dest="command", required=True)
+def cmd_evaluate(args) -> int:
+    from .evaluation import Evaluation, comparison_markdown, evaluate, format_ci, region_title, skipped_summary
+    from .imageio import write_atomic
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI's empty-mask warnings; empty sides are handled and reported
+        ev = evaluate(args.pred, args.truth, truth_labels=args.truth_labels, pred_labels=args.pred_labels,
+                      structures=args.structures, set_name=args.set_name, seed=args.seed)
+        paths = ev.write(args.out, figure=not args.no_figure)
+        if args.compare:
+            text = comparison_markdown([*(Evaluation.load(p) for p in args.compare), ev])
+            paths["comparison"] = write_atomic(Path(args.out) / "comparison.md", lambda tmp: Path(tmp).write_text(text))
+    print(f"{'region':<16s} {'structures':>10s} {'cases':>6s}  Dice mean (95% CI)")
+    for r in ev.regions:
+        print(f"{region_title(r['region']):<16s} {r['structures']:>10d} {r['cases']:>6d}  "
+              f"{format_ci(r['dice_mean'], r['dice_ci_low'], r['dice_ci_high'])} [{r['ci_method']}]")
+    for line in skipped_summary(ev.skipped):
+        print(f"mrannotator: skipped {line}", file=sys.stderr)
+    print(f"{ev.n_cases} cases evaluated; report: {paths['markdown']}; tables: "
+          f"{', '.join(str(paths[k]) for k in ('cases', 'structures', 'regions'))}"
+          + (f"; figure: {paths['figure']}" if "figure" in paths else "")
+          + (f"; comparison: {paths['comparison']}" if "comparison" in paths else ""))
+    return 0
+
+
+def _add_segment(sub) -> None:
     s = sub.add_parser("segment", help="segment one MR volume (NIfTI file or DICOM series folder)")
     s.add_argument("-i", "--input", required=True, help="NIfTI file or folder with one DICOM MR series")
     s.add_argument("-o", "--output", required=True, help="output folder")
     s.add_argument("--series", metavar="UID", help="DICOM folder: segment this SeriesInstanceUID (default: the "
                    "largest acceptable MR series)")
-    s.add_argument("--regions", nargs="+", help="regions to run (abdomen, pelvis, prostate, shoulder, knee, "
-                   "cervical_spine, thoracic_spine, lumbar_spine, spine); default all")
+    s.add_argument("--regions", nargs="+", help=f"regions to run ({', '.join(region_names())}); default all")
     s.add_argument("--structures", nargs="+", help="only these structures (catalogue names)")
     s.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     s.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -118,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_segment)
 
+
+def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="phantom per region -> segment with the demo weights -> Dice report")
     d.add_argument("-o", "--output", default="mrannotator-demo", help="output folder")
     d.add_argument("--weights", default=None)
@@ -125,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
 
+
+def _add_weights(sub) -> None:
     w = sub.add_parser("weights", help="install or list model weights")
     wsub = w.add_subparsers(dest="action", required=True)
     wi = wsub.add_parser("install", help="validate and install the official release (zip or folder)")
@@ -135,7 +152,33 @@ def build_parser() -> argparse.ArgumentParser:
     wl.add_argument("--json", action="store_true")
     w.set_defaults(func=cmd_weights)
 
-    add_evaluate_cli(sub)
+
+def _add_evaluate(sub) -> None:
+    from .evaluation.labelmaps import BUILTIN_LABEL_MAPS
+
+    e = sub.add_parser("evaluate", help="Dice / HD95 / ASD of predictions against truth, paper-style tables")
+    e.add_argument("--pred", required=True, help="folder of predicted label maps (or one file)")
+    e.add_argument("--truth", required=True, help="folder of reference label maps, same file names (or one file)")
+    e.add_argument("--truth-labels", default=None,
+                   help="label map of the truth files: CSV/JSON value -> catalogue structure, an nnU-Net dataset.json, "
+                        f"or a built-in name ({', '.join(BUILTIN_LABEL_MAPS)}); default: catalogue ids")
+    e.add_argument("--pred-labels", default=None, help="label map of the prediction files (as --truth-labels)")
+    e.add_argument("--structures", nargs="+", default=None, help="only these structures (catalogue names or ids)")
+    e.add_argument("--out", default="mrannotator-evaluation", help="output folder (CSV, Markdown, JSON, PNG)")
+    e.add_argument("--set-name", default="test", help="name of the test set in the report, e.g. internal, external")
+    e.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
+    e.add_argument("--no-figure", action="store_true", help="do not draw the Dice figure")
+    e.add_argument("--compare", nargs="+", default=None, metavar="EARLIER",
+                   help="earlier evaluation folders (or their evaluation.json): also write comparison.md with one "
+                        "Dice column per set, e.g. the original model next to a fine-tuned one")
+    e.set_defaults(func=cmd_evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mrannotator", description="MRI multi-structure segmentation (nnU-Net v2)")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for add in (_add_segment, _add_demo, _add_weights, _add_evaluate):
+        add(sub)
     return ap
 
 

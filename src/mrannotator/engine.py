@@ -18,8 +18,6 @@ with the lower dataset id wins. Voxels claimed by one model only keep that model
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -28,39 +26,13 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 
-from .catalogue import FIRST_UNCATALOGUED_ID, LabelCatalogue, Structure, load_catalogue
+from . import nnunet_adapter as nnunet
+from .catalogue import FIRST_UNCATALOGUED_ID, LabelCatalogue, Structure, expand_regions, load_catalogue
 from .errors import InputError, WeightsError
 from .imageio import load_image
 from .orientation import reorient_to, voxel_spacing
-from .performance import keep_edges_fp32, precision, tune_allocator
+from .performance import precision, tune_allocator
 from .weights import ModelFolder, Weights, load_weights
-
-# Region names a user may give, beyond the catalogue's own regions.
-REGION_ALIASES = {
-    "spine": ("cervical_spine", "thoracic_spine", "lumbar_spine"),
-    "cervical": ("cervical_spine",),
-    "thoracic": ("thoracic_spine",),
-    "lumbar": ("lumbar_spine",),
-}
-
-
-def expand_regions(regions: Iterable[str] | None) -> set[str] | None:
-    if regions is None:
-        return None
-    from .catalogue import REGIONS
-
-    out: set[str] = set()
-    for r in regions:
-        r = r.strip().lower()
-        if r in ("all", ""):
-            return None
-        if r in REGION_ALIASES:
-            out.update(REGION_ALIASES[r])
-        elif r in REGIONS:
-            out.add(r)
-        else:
-            raise InputError(f"unknown region {r!r}; choose from {', '.join([*REGIONS, *REGION_ALIASES])}")
-    return out
 
 
 def pick_device(device: str = "auto"):
@@ -170,29 +142,9 @@ class Segmenter:
             raise WeightsError(f"no model in {self.weights.root} covers the regions {sorted(wanted or [])}")
 
     def _load_predictor(self, mf: ModelFolder):
-        import torch
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints a CPU notice on construction
-            pred = nnUNetPredictor(
-                tile_step_size=self.tile_step_size,
-                use_gaussian=True,
-                use_mirroring=True,  # as stock; the NoMirroring checkpoints allow no mirror axes anyway
-                perform_everything_on_device=self.device.type == "cuda",
-                device=self.device,
-                verbose=False,
-                allow_tqdm=False,
-            )
-        try:
-            pred.initialize_from_trained_model_folder(str(mf.path), use_folds=(0,), checkpoint_name=mf.checkpoint.name)
-        except (RuntimeError, KeyError, EOFError, OSError, torch.serialization.pickle.UnpicklingError) as e:
-            raise WeightsError(f"{mf.dataset}: cannot load {mf.checkpoint}: {type(e).__name__}: {e}") from e
+        pred = nnunet.load_predictor(mf.path, mf.checkpoint.name, self.device, self.tile_step_size)
         if self.mode != "exact":
-            keep_edges_fp32(pred.network)
-        elif self.device.type == "cuda":
-            # nnUNetPredictor turns cuDNN autotuning on, which may pick other kernels in another process and
-            # change labels at near-ties (6,543 of 4.1 M voxels on an H200); exact mode wants them reproducible
-            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+            nnunet.keep_edges_fp32(pred.network)
         return pred
 
     # ---------------------------------------------------------------- public API
@@ -209,6 +161,11 @@ class Segmenter:
         probabilities: bool = False,
         progress: Callable[[str], None] | None = None,
     ) -> Segmentation:
+        """Segment one image (path, DICOM folder, nibabel or SimpleITK image) with the models of ``regions``.
+
+        ``structures`` keeps only those (catalogue names); ``probabilities`` also returns each structure's
+        softmax map on the input grid; ``progress`` receives one line per step.
+        """
         t0 = time.perf_counter()
         say = progress or (lambda msg: None)
         img = load_image(image)
@@ -229,40 +186,18 @@ class Segmenter:
             if out is None:
                 skipped.append(m.dataset)
                 continue
-            seg, probs = out
-            # back to the input grid (exact permutation/flip), then catalogue ids
-            seg = reo.restore(seg)
-            ids = m.lut()[seg]
-            if keep is not None:
-                ids[~np.isin(ids, list(keep))] = 0
-            conf = None
-            if probs is not None:
-                probs = np.stack([reo.restore(p) for p in probs])
-                conf = np.take_along_axis(probs, seg[None].astype(np.intp), 0)[0]
-                if probs_out is not None:
-                    for v, s in m.structures.items():
-                        if keep is None or s.id in keep:
-                            probs_out[s.id] = probs[v]
+            ids, conf = self._to_input_grid(m, *out, reo, keep, probs_out)
             if merged is None:
                 merged, best = ids, conf
-                continue
-            fg = ids > 0
-            both = fg & (merged > 0)
-            overlaps += int(both.sum())
-            take = fg & ((merged == 0) | (conf > best))
-            merged[take] = ids[take]
-            best[take] = conf[take]
+            else:
+                overlaps += _claim(merged, best, ids, conf)
         if merged is None:  # every model's presence check came back empty
             merged = np.zeros(data.shape, np.uint8)
         merged = merged.astype(np.uint8)
         present = set(np.unique(merged).tolist()) - {0}
         by_id = {s.id: s for m in models for s in m.structures.values()}
-        out = nib.Nifti1Image(merged, img.affine)
-        out.set_qform(img.affine, code=1)
-        out.set_sform(img.affine, code=1)
-        out.header["descrip"] = f"MRAnnotator {self.weights.source} weights".encode()[:79]
         return Segmentation(
-            labels=out,
+            labels=_label_image(merged, img.affine, f"MRAnnotator {self.weights.source} weights"),
             structures=[by_id[i] for i in sorted(present)],
             weights=self.weights.describe(),
             models_run=[m.dataset for m in models if m.dataset not in skipped],
@@ -274,6 +209,27 @@ class Segmenter:
         )
 
     # ---------------------------------------------------------------- internals
+    @staticmethod
+    def _to_input_grid(m: RegionModel, seg: np.ndarray, probs: np.ndarray | None, reo, keep: set[int] | None,
+                       probs_out: dict | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """One model's output back on the input grid (exact permutation/flip) as catalogue ids.
+
+        Returns (ids, the probability of each voxel's own label or None); fills ``probs_out`` if given.
+        """
+        seg = reo.restore(seg)
+        ids = m.lut()[seg]
+        if keep is not None:
+            ids[~np.isin(ids, list(keep))] = 0
+        if probs is None:
+            return ids, None
+        probs = np.stack([reo.restore(p) for p in probs])
+        conf = np.take_along_axis(probs, seg[None].astype(np.intp), 0)[0]
+        if probs_out is not None:
+            for v, s in m.structures.items():
+                if keep is None or s.id in keep:
+                    probs_out[s.id] = probs[v]
+        return ids, conf
+
     def _select(self, regions, structures) -> list[RegionModel]:
         wanted = expand_regions(regions)
         models = [m for m in self.models if wanted is None or set(m.folder.regions()) & wanted]
@@ -309,9 +265,7 @@ class Segmenter:
         presence check first. Returns None when that check finds none of the model's structures.
         """
         import torch
-        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
-        pred = m.predictor
         data, props = self._preprocess(m, arr, affine)
         data = torch.from_numpy(data)
         logits = tiles = None
@@ -325,49 +279,17 @@ class Segmenter:
             say(f"{m.dataset}: predicting ({len(m.structures)} structures, {self.mode}"
                 + (f"; {len(tiles.items)} tiles from the coarse pass" if tiles and tiles.items else "") + ")")
             logits = self._logits(m, data, wrap_predict=tiles.replaying if tiles else None)
-        out = convert_predicted_logits_to_segmentation_with_correct_shape(
-            logits, pred.plans_manager, pred.configuration_manager, pred.label_manager, props,
-            return_probabilities=with_probs,
-        )
-        if with_probs:
-            seg, probs = out
-            return seg.transpose(2, 1, 0), probs.transpose(0, 3, 2, 1).astype(np.float32, copy=False)
-        return out.transpose(2, 1, 0), None
+        return nnunet.logits_to_labels(m.predictor, logits, props, with_probs)
 
     @staticmethod
     def _preprocess(m: RegionModel, arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, dict]:
         """nnU-Net's own preprocessing of a volume already in the model's orientation: (data, properties)."""
-        pred = m.predictor
-        # nnU-Net's SimpleITK reader order: (z, y, x) with the spacing reversed; one channel. C-contiguous, as
-        # its readers return it: the z-score normalisation sums in memory order, and another layout changed the
-        # normalised intensities by ~3e-6 and 11 labels of 4.1 M at near-ties (bench/fullsize.py)
-        x = np.ascontiguousarray(arr.transpose(2, 1, 0))[None]
-        props = {"spacing": list(voxel_spacing(affine))[::-1]}
-        pp = pred.configuration_manager.preprocessor_class(verbose=False)
-        data, _, props = pp.run_case_npy(x, None, props, pred.plans_manager, pred.configuration_manager,
-                                         pred.dataset_json)
-        return data, props
+        return nnunet.preprocess(m.predictor, arr, voxel_spacing(affine))
 
     def _logits(self, m: RegionModel, data, select_tiles=None, wrap_predict=None):
-        """nnU-Net's sliding window on preprocessed data; the logits are returned on the CPU.
-
-        ``select_tiles`` keeps only some of nnU-Net's tiles (a function of its list of tile slicers);
-        ``wrap_predict`` wraps its per-tile network call. Both are set on this predictor for this call only.
-        """
-        pred = m.predictor
-        patched = {}
-        if select_tiles is not None:
-            slicers = pred._internal_get_sliding_window_slicers
-            patched["_internal_get_sliding_window_slicers"] = lambda size: select_tiles(slicers(size))
-        if wrap_predict is not None:
-            patched["_internal_maybe_mirror_and_predict"] = wrap_predict(pred._internal_maybe_mirror_and_predict)
-        vars(pred).update(patched)
-        try:
-            with self._autocast:
-                return pred.predict_logits_from_preprocessed_data(data).cpu()
-        finally:
-            for name in patched:
-                delattr(pred, name)  # back to nnU-Net's own methods
+        """nnU-Net's sliding window (see ``nnunet_adapter.predict_logits``) in this engine's precision."""
+        with self._autocast, nnunet.reproducible_cudnn(self.mode == "exact" and self.device.type == "cuda"):
+            return nnunet.predict_logits(m.predictor, data, select_tiles, wrap_predict)
 
     def _presence_pass(self, m: RegionModel, data, tiles: _TileOutputs):
         """Cheap presence check: the fewest of the real pass's own tiles that cover the image, at full resolution.
@@ -393,6 +315,27 @@ class Segmenter:
         if not found:
             return False, None
         return True, (logits if used["all"] else None)
+
+
+def _claim(merged: np.ndarray, best: np.ndarray, ids: np.ndarray, conf: np.ndarray) -> int:
+    """One more model's labels into the merged map, in place (overlap rule: see the module doc).
+
+    Returns the number of voxels both had claimed as foreground.
+    """
+    fg = ids > 0
+    overlaps = int((fg & (merged > 0)).sum())
+    take = fg & ((merged == 0) | (conf > best))
+    merged[take] = ids[take]
+    best[take] = conf[take]
+    return overlaps
+
+
+def _label_image(labels: np.ndarray, affine: np.ndarray, description: str) -> nib.Nifti1Image:
+    out = nib.Nifti1Image(labels, affine)
+    out.set_qform(affine, code=1)
+    out.set_sform(affine, code=1)
+    out.header["descrip"] = description.encode()[:79]
+    return out
 
 
 def _covering_tiles(slicers: list[tuple]) -> list[tuple]:

@@ -37,13 +37,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from . import nnunet_adapter as nnunet
 from .errors import InputError, MRAnnotatorError
-from .imageio import load_image, save_json
+from .imageio import load_image, save_json, whole_labels, write_atomic
+from .nnunet_adapter import CONFIGURATION
 from .orientation import reorient_to
 from .weights import CHECKPOINT, FOLD, ModelFolder, read_model_folder
-
-BASE_TRAINER = "nnUNetTrainerNoMirroring"
-CONFIGURATION = "3d_fullres"
 
 
 class FinetuneError(MRAnnotatorError):
@@ -89,33 +88,13 @@ def model_label_lut(catalogue_to_model: dict[int, int]) -> np.ndarray:
     return lut
 
 
-@contextlib.contextmanager
-def _nnunet_paths(work: Path):
-    """nnU-Net reads its folders from the environment at use time (nnunetv2.paths._EnvPath)."""
-    keys = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
-    old = {k: os.environ.get(k) for k in keys}
-    for k in keys:
-        (work / k).mkdir(parents=True, exist_ok=True)
-        os.environ[k] = str(work / k)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def prepare_dataset(model: ModelFolder, cases: Sequence[Case], catalogue_to_model: dict[int, int],
                     work: Path) -> tuple[Path, list[str]]:
     """Raw dataset (model orientation, model label values) and nnU-Net preprocessing with the model's plans.
 
-    Returns the preprocessed dataset folder and the case identifiers. Must run inside ``_nnunet_paths``.
+    Returns the preprocessed dataset folder and the case identifiers. Must run inside
+    ``nnunet_adapter.nnunet_folders``.
     """
-    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     plans = json.loads((model.path / "plans.json").read_text())
     dataset_json = json.loads((model.path / "dataset.json").read_text())
     dataset_name = plans["dataset_name"]
@@ -130,9 +109,7 @@ def prepare_dataset(model: ModelFolder, cases: Sequence[Case], catalogue_to_mode
         lab = load_image(case.labels)
         if lab.shape != img.shape or not np.allclose(lab.affine, img.affine, atol=1e-3):
             raise InputError(f"case {case.name}: the label volume {lab.shape} is not on the image grid {img.shape}")
-        data = np.asanyarray(lab.dataobj)
-        if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
-            raise InputError(f"case {case.name}: label values must be whole numbers (catalogue ids)")
+        data = whole_labels(np.asanyarray(lab.dataobj), f"the label volume of case {case.name}")
         if data.min() < 0 or data.max() > 255:
             raise InputError(f"case {case.name}: label values must be catalogue ids 0-255")
         axcodes = tuple(model.orientation)
@@ -154,51 +131,8 @@ def prepare_dataset(model: ModelFolder, cases: Sequence[Case], catalogue_to_mode
     else:  # the trainer copies it next to its output; preprocessing itself reads the plans only
         save_json({}, pre / "dataset_fingerprint.json")
 
-    pm = PlansManager(plans)
-    cm = pm.get_configuration(CONFIGURATION)
-    out = pre / cm.data_identifier
-    out.mkdir(exist_ok=True)
-    preprocessor = DefaultPreprocessor(verbose=False)
-    with contextlib.redirect_stdout(io.StringIO()):
-        for name in names:  # in-process: nnU-Net's worker pool is not needed for a handful of cases
-            preprocessor.run_case_save(str(out / name), [str(raw / "imagesTr" / f"{name}_0000.nii.gz")],
-                                       str(raw / "labelsTr" / f"{name}.nii.gz"), pm, cm, dataset_json)
+    nnunet.preprocess_training_cases(plans, dataset_json, raw, pre, names)
     return pre, names
-
-
-def make_trainer_class(epochs: int, iterations: int, val_iterations: int, learning_rate: float,
-                       on_epoch: Callable[[dict], None] | None = None):
-    """nnUNetTrainerNoMirroring with a short schedule and a per-epoch report (same network, loss, augmentation)."""
-    from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import (
-        nnUNetTrainerNoMirroring,
-    )
-
-    class nnUNetTrainerNoMirroringFinetune(nnUNetTrainerNoMirroring):  # noqa: N801 (nnU-Net naming)
-        def __init__(self, plans, configuration, fold, dataset_json, device=None):
-            import torch
-
-            super().__init__(plans, configuration, fold, dataset_json, device or torch.device("cpu"))
-            self.num_epochs = epochs
-            self.num_iterations_per_epoch = iterations
-            self.num_val_iterations_per_epoch = val_iterations
-            self.initial_lr = learning_rate
-            self.disable_checkpointing = True  # we export the weights ourselves, once, at the end
-
-        def on_epoch_end(self):
-            log = self.logger
-            dice = [float(x) for x in log.get_value("dice_per_class_or_region", step=-1)]
-            row = {
-                "epoch": int(self.current_epoch) + 1,
-                "train_loss": round(float(log.get_value("train_losses", step=-1)), 4),
-                "val_loss": round(float(log.get_value("val_losses", step=-1)), 4),
-                "val_dice_per_class": [round(d, 4) if np.isfinite(d) else None for d in dice],
-                "val_mean_dice": round(float(np.nanmean(dice)), 4) if np.isfinite(dice).any() else None,
-            }
-            super().on_epoch_end()
-            if on_epoch:
-                on_epoch(row)
-
-    return nnUNetTrainerNoMirroringFinetune
 
 
 def _seed(seed: int | None) -> None:
@@ -230,8 +164,6 @@ def finetune(
     ``dest`` becomes a trained-model folder (``DatasetXXX_Name/TRAINER__PLANS__3d_fullres``, like the
     release); its checkpoint is replaced atomically only after training ended normally.
     """
-    import torch
-
     if epochs < 1 or iterations < 1 or val_iterations < 1:
         raise FinetuneError("epochs, iterations and validation iterations must be at least 1")
     if not cases:
@@ -249,27 +181,11 @@ def finetune(
             on_epoch(row)
 
     try:
-        with _nnunet_paths(work):
+        with nnunet.nnunet_folders(work):
             pre, names = prepare_dataset(model, cases, catalogue_to_model, work)
-            plans = json.loads((pre / "nnUNetPlans.json").read_text())
-            plans["continue_training"] = False  # nnU-Net 2.8 pops this flag from the plans it is given
-            dataset_json = json.loads((pre / "dataset.json").read_text())
-            cls = make_trainer_class(epochs, iterations, val_iterations, learning_rate, report)
+            cls = nnunet.short_schedule_trainer(epochs, iterations, val_iterations, learning_rate, report)
             _seed(seed)
-            dev = torch.device("cuda" if device.startswith("cuda") and torch.cuda.is_available() else "cpu")
-            with contextlib.redirect_stdout(io.StringIO()) as log:
-                trainer = cls(plans, CONFIGURATION, "all", dataset_json, dev)
-                trainer.initialize()
-                # every weight, segmentation heads included (nnU-Net's load_pretrained_weights skips those)
-                ckpt = torch.load(model.checkpoint, map_location="cpu", weights_only=False)
-                getattr(trainer.network, "_orig_mod", trainer.network).load_state_dict(ckpt["network_weights"])
-                try:
-                    trainer.run_training()
-                except Exception as e:
-                    raise FinetuneError(f"{model.dataset}: nnU-Net training failed: {type(e).__name__}: {e}\n"
-                                        f"{log.getvalue()[-2000:]}") from e
-            network = getattr(trainer.network, "_orig_mod", trainer.network)
-            weights = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+            weights, dev = _train(cls, model, pre, device)
         checkpoint = export_checkpoint(model, weights, dest, {
             "trained_with": f"{cls.__name__} (fine-tune: {epochs} epochs x {iterations} iterations, "
                             f"lr {learning_rate}, {dev.type})",
@@ -284,11 +200,34 @@ def finetune(
                           epochs=rows, cases=[c.name for c in cases], seconds=time.perf_counter() - t0)
 
 
+def _train(trainer_class, model: ModelFolder, pre: Path, device: str) -> tuple[dict, object]:
+    """nnU-Net training on the preprocessed dataset ``pre``, from every weight of the model's checkpoint.
+
+    Returns (the trained network weights on the CPU, the torch device it ran on).
+    """
+    import torch
+
+    plans = nnunet.trainer_plans(json.loads((pre / "nnUNetPlans.json").read_text()))
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    dev = torch.device("cuda" if device.startswith("cuda") and torch.cuda.is_available() else "cpu")
+    with contextlib.redirect_stdout(io.StringIO()) as log:
+        trainer = trainer_class(plans, CONFIGURATION, "all", dataset_json, dev)
+        trainer.initialize()
+        nnunet.load_every_weight(trainer, model.checkpoint)
+        try:
+            trainer.run_training()
+        except Exception as e:
+            raise FinetuneError(f"{model.dataset}: nnU-Net training failed: {type(e).__name__}: {e}\n"
+                                f"{log.getvalue()[-2000:]}") from e
+    return nnunet.network_weights(trainer), dev
+
+
 def export_checkpoint(model: ModelFolder, network_weights: dict, dest: Path, provenance: dict) -> Path:
     """Write a slim checkpoint and the model's dataset.json/plans.json into ``dest``; the checkpoint last.
 
     The checkpoint names ``nnUNetTrainerNoMirroring`` (identical network and inference), so the
-    predictor needs no custom trainer class to load it. Returns the published checkpoint path.
+    predictor needs no custom trainer class to load it (``nnunet_adapter.slim_checkpoint``). Returns the
+    published checkpoint path.
     """
     import torch
 
@@ -298,22 +237,8 @@ def export_checkpoint(model: ModelFolder, network_weights: dict, dest: Path, pro
     for f in ("dataset.json", "plans.json"):
         if not (dest / f).is_file():
             shutil.copy2(model.path / f, dest / f)
-    slim = {
-        "network_weights": network_weights,
-        "trainer_name": BASE_TRAINER,
-        "init_args": {"configuration": CONFIGURATION, "fold": FOLD},
-        "inference_allowed_mirroring_axes": None,
-        "current_epoch": len(provenance.get("epochs", [])),
-        "mrannotator_finetune": provenance,
-    }
-    target = fold / CHECKPOINT
-    fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT}.", dir=fold)
-    os.close(fd)
-    try:
-        torch.save(slim, tmp)
-        os.replace(tmp, target)  # atomic: a reader sees the old or the new checkpoint, never half of one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    slim = nnunet.slim_checkpoint(network_weights, FOLD, len(provenance.get("epochs", [])), provenance)
+    # atomic: a reader sees the old or the new checkpoint, never half of one
+    target = write_atomic(fold / CHECKPOINT, lambda tmp: torch.save(slim, tmp))
     read_model_folder(dest)  # the published folder must load like a release
     return target

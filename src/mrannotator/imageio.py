@@ -20,6 +20,17 @@ import SimpleITK as sitk
 from .errors import InputError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM / ITK patient axes <-> nibabel's
+# image and label map files, as named on the command line and in evaluation folders
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def case_name(path: Path) -> str:
+    """The case a file is about: its name without the image suffix (``case.nii.gz`` -> ``case``)."""
+    name = Path(path).name
+    for ext in IMAGE_SUFFIXES:
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
 
 
 def load_image(source, series_uid: str | None = None) -> nib.Nifti1Image:
@@ -97,6 +108,15 @@ def check_volume(img: nib.Nifti1Image, what: str) -> nib.Nifti1Image:
     out.set_qform(affine, code=1)
     out.set_sform(affine, code=1)
     return out
+
+
+def whole_labels(data: np.ndarray, what: str) -> np.ndarray:
+    """A label volume's values as integers (float storage allowed); InputError if any value is fractional."""
+    if data.dtype.kind != "f":
+        return data
+    if not np.array_equal(data, np.round(data)):
+        raise InputError(f"{what} has non-integer (fractional) values; a label map holds whole numbers (label ids)")
+    return data.astype(np.int64)
 
 
 def from_sitk(image: sitk.Image) -> nib.Nifti1Image:

@@ -5,7 +5,8 @@
   full-size nnU-Net on CPU, about 29 % of the time went to page faults without it. Labels stay identical.
 - Fast mode is opt-in: bf16 autocast on CPUs that support bf16 natively (AVX512-BF16 / AMX), fp16
   autocast on CUDA, plain fp32 elsewhere; the network's first convolution and its segmentation heads
-  stay in float32 (``keep_edges_fp32``). Labels may change where the top two class scores are close.
+  stay in float32 (``nnunet_adapter.keep_edges_fp32``, applied by the engine). Labels may change where
+  the top two class scores are close.
 """
 
 from __future__ import annotations
@@ -60,35 +61,6 @@ def precision(mode: str, device) -> tuple[str, contextlib.AbstractContextManager
     if cpu_supports_bf16():
         return "fast (bf16)", torch.autocast("cpu", dtype=torch.bfloat16)
     return "fast (fp32: no native bf16 on this CPU)", contextlib.nullcontext()
-
-
-def keep_edges_fp32(network) -> int:
-    """Run the first convolution and the segmentation heads of an nnU-Net network in float32 under autocast.
-
-    These two ends cost little time and much accuracy in reduced precision: the first convolution reads
-    the MR intensities themselves (bf16 keeps 8 significant bits of them), the heads make the class scores
-    whose argmax is the label. Measured on the demo weights, bf16 on CPU, against exact mode: structures
-    below Dice 0.99 went from 12 to 8 of 79 (all 8 on the real MR sample), at about 4% more time.
-    Returns the number of modules changed.
-    """
-    import torch
-
-    first = next((m for m in network.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))), None)
-    heads = list(getattr(getattr(network, "decoder", None), "seg_layers", []))
-    changed = 0
-    for module in [first, *heads]:
-        if module is None or getattr(module, "_mrannotator_fp32", False):
-            continue
-        inner = module.forward
-
-        def forward(x, *args, _inner=inner, **kwargs):
-            with torch.autocast(x.device.type, enabled=False):
-                return _inner(x.float(), *args, **kwargs)
-
-        module.forward = forward
-        module._mrannotator_fp32 = True
-        changed += 1
-    return changed
 
 
 @contextlib.contextmanager

@@ -5,8 +5,9 @@ A release is one or more folders laid out like the official MRAnnotator release:
     Dataset001_Abdomen/nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres/
         dataset.json  plans.json  fold_0/checkpoint_final.pth
 
-Without installed weights the demo weights shipped in ``models/demo`` are used. Checkpoints are
-full pickles: load only weights you chose to trust (``weights install`` is that choice).
+Without installed weights the demo weights shipped with the package (``models/demo`` in the
+repository) are used. Checkpoints are full pickles: load only weights you chose to trust
+(``weights install`` is that choice).
 """
 
 from __future__ import annotations
@@ -45,10 +46,15 @@ def mrannotator_home() -> Path:
 
 
 def demo_weights_dir() -> Path:
+    """The demo weights: package data (``mrannotator/demo_weights``), or ``$MRANNOTATOR_DEMO_WEIGHTS``.
+
+    In a wheel they are files of the package; in a source checkout ``demo_weights`` is a link to the
+    top-level ``models/demo`` (the release layout, where the training script writes them).
+    """
     env = os.environ.get("MRANNOTATOR_DEMO_WEIGHTS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "models" / "demo"
+    return Path(__file__).resolve().parent / "demo_weights"
 
 
 @dataclass(frozen=True)

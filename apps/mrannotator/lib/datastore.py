@@ -22,7 +22,7 @@ from monailabel.datastore.local import LocalDatastore
 
 from lib.errors import bad_request, not_found, unprocessable
 from mrannotator.errors import InputError
-from mrannotator.imageio import load_image, save_nifti
+from mrannotator.imageio import load_image, save_nifti, whole_labels
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,10 @@ class MRAnnotatorDatastore(LocalDatastore):
         if not np.allclose(label.affine, affine, atol=1e-2):
             raise unprocessable(f"label for {image_id!r} is not on the image's grid (origin, spacing or "
                                 "orientation differ); export it on the image's geometry")
-        data = np.asanyarray(label.dataobj)
-        if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
-            raise unprocessable(f"label for {image_id!r} has fractional values; expected catalogue ids")
+        try:
+            data = whole_labels(np.asanyarray(label.dataobj), f"label for {image_id!r}")
+        except InputError as e:
+            raise unprocessable(str(e)) from e
         values = {int(v) for v in np.unique(data)} - {0}
         unknown = sorted(values - set(self._allowed_label_ids()))
         if unknown:

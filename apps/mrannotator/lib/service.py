@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mrannotator.catalogue import region_names
 from mrannotator.engine import Segmentation, Segmenter
 from mrannotator.errors import InputError
 from mrannotator.weights import ModelFolder, Weights, demo_weights_dir, installed_dir, load_weights, read_model_folder
@@ -27,7 +28,7 @@ BASE_FILE = "mrannotator_base.json"
 
 CONF_OPTIONS = {
     "weights": "auto (installed official weights, else the demo weights), demo, official, or a folder",
-    "regions": "all, or a comma-separated list of regions/aliases (abdomen, pelvis, prostate, shoulder, knee, spine)",
+    "regions": f"all, or a comma-separated list of regions/aliases ({', '.join(region_names())})",
     "device": "auto, cpu or cuda",
     "mode": "exact (default: labels as stock nnU-Net) or fast (bf16 on CPUs with native bf16, fp16 on CUDA)",
     "threads": "CPU threads for torch (default: torch's choice)",
