@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 import urllib.parse
-from pathlib import Path
 
 import jwt
 import nibabel as nib

@@ -26,7 +26,8 @@ the app (before uvicorn binds its socket). Each fix has a test in ``tests/test_s
    its own private temp folder (a context variable read by ``tempfile.gettempdir``), removed when the
    request ends whatever happened; its path is replaced by ``<upload>`` in error answers and logs.
 5. **Status codes**: unknown trainer or scoring method -> 404 before anything is queued; DELETE / info
-   of an unknown image or label -> 404; infer without an image -> 400; invalid JSON in a form field ->
+   of an unknown image or label -> 404; a dataset download with no labelled image -> 404; infer
+   without an image -> 400; invalid JSON in a form field ->
    400; a login the identity provider refuses -> 401 (MONAI Label answers 200 then ERROR, 200 ``{}``
    or 500).
 """
@@ -260,7 +261,7 @@ def _rbac_checked_by_middleware():
     from fastapi import Security
     from monailabel.endpoints.user.auth import User, get_current_user
 
-    async def __call__(self, user: User = Security(get_current_user)) -> User:
+    async def __call__(self, user: User = Security(get_current_user)) -> User:  # noqa: B008 (FastAPI idiom)
         return user
 
     return __call__
@@ -350,6 +351,12 @@ class _RequestTemp:
                 self.path = Path(_original_mkdtemp(prefix="req-", dir=self.root))
             return str(self.path)
 
+    def remove(self) -> None:
+        with self.lock:
+            if self.path is not None:
+                shutil.rmtree(self.path, ignore_errors=True)
+                self.path = None
+
 
 _request_temp: contextvars.ContextVar[_RequestTemp | None] = contextvars.ContextVar("mrannotator_request_temp",
                                                                                      default=None)
@@ -412,6 +419,8 @@ def precheck(method: str, template: str, path: str, query: dict[str, str]) -> tu
     if (method, template) == ("POST", "/infer/{model}") and not query.get("image") and not query.get("session_id"):
         return 400, "infer needs image=<datastore image id> (or session_id=<session>)"
     datastore = app.datastore()
+    if (method, template) == ("GET", "/datastore/dataset") and not datastore.datalist():
+        return 404, "the dataset has no labelled image yet: nothing to download"
     image = query.get("id") if method == "DELETE" else query.get("image")
     if template in ("/datastore/image", "/datastore/") and method == "DELETE" or template == "/datastore/image/info":
         if image is not None and image not in datastore.list_images():
@@ -460,11 +469,11 @@ class ServerGuard:
         holder = _RequestTemp(UPLOAD_ROOT) if UPLOAD_ROOT is not None else None
         token = _request_temp.set(holder)
         try:
-            await self.app(scope, receive, _redacting(send))
+            await self.app(scope, receive, _redacting(send, holder))
         finally:
             _request_temp.reset(token)
-            if holder is not None and holder.path is not None:
-                shutil.rmtree(holder.path, ignore_errors=True)
+            if holder is not None:  # after the answer and MONAI Label's background tasks
+                holder.remove()
 
     def _authorize(self, scope, method: str, path: str, role: str) -> tuple[int, str] | None:
         if not self.policy.auth or role == PUBLIC:
@@ -486,8 +495,9 @@ class ServerGuard:
         return None
 
 
-def _redacting(send):
-    """Error answers (JSON/text, status >= 400) with upload paths replaced; others untouched."""
+def _redacting(send, holder: _RequestTemp | None):
+    """Error answers (status >= 400) with upload paths replaced, sent after the request's uploads were
+    deleted (a refused upload is gone before the client hears of it); other answers untouched."""
     state: dict[str, Any] = {}
 
     async def wrapped(message):
@@ -501,6 +511,8 @@ def _redacting(send):
             if message.get("more_body"):
                 return None
             body = redact(state["body"].decode("utf-8", "replace")).encode()
+            if holder is not None:
+                holder.remove()
             start = state.pop("start")
             headers = [(k, v) for k, v in start["headers"] if k != b"content-length"]
             headers.append((b"content-length", str(len(body)).encode()))
