@@ -201,3 +201,45 @@ def test_on_a_network_bind_without_auth_destructive_routes_are_refused():
     reads = {("GET", "/info/"), ("PUT", "/datastore/label"), ("POST", "/infer/mrannotator")}
     assert {op: s for op, s in status.items() if op not in reads} == {op: 403 for op in status if op not in reads}
     assert all(status[op] == 200 for op in reads)
+
+
+def test_upstream_behaviour_the_adapter_answers_for(tmp_path):
+    """MONAI Label 0.8.5 as the adapter found it; a failure here means upstream changed and the matching
+    fix in lib/monailabel_adapter.py should be revisited."""
+    import inspect
+    import os
+
+    from monailabel.datastore.local import LocalDatastore
+    from monailabel.endpoints import datastore as ds_endpoints
+    from monailabel.endpoints import infer as infer_endpoints
+    from monailabel.interfaces.exception import ImageNotFoundException
+
+    adapter = _adapter()
+    # binds 0.0.0.0 unless told; the adapter tells an explicit --host from the default
+    assert adapter.start_server_host(["main.py", "start_server", "--app", "a"]) == ("0.0.0.0", False)
+    assert adapter.start_server_host(["main.py", "start_server", "-i", "0.0.0.0"]) == ("0.0.0.0", True)
+    assert adapter.start_server_host(["main.py", "start_server", "--host=10.1.2.3"]) == ("10.1.2.3", True)
+    assert adapter.start_server_host(["uvicorn", "monailabel.app:app"]) == (None, False)
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    ph = make_phantom("abdomen", seed=8301)
+    nib.save(ph.image, studies / "a.nii.gz")
+    store = LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
+    assert store.get_image_info("nosuch") == {}  # answered 200 {}: the adapter answers 404
+    with pytest.raises(ImageNotFoundException):  # a bare 500: the adapter answers 404
+        store.remove_image("nosuch")
+    with pytest.raises(AssertionError):  # a bare 500: the adapter answers 404
+        store.get_dataset_archive(None)
+    nib.save(ph.labels, tmp_path / "label.nii.gz")
+    store.save_label("a", str(tmp_path / "label.nii.gz"), "final", {})
+    archive = store.get_dataset_archive(None)  # written with delete=False and never removed
+    assert os.path.isfile(archive)
+    os.remove(archive)
+
+    # uploads: temp names removed only by a background task, i.e. only after a successful answer
+    for endpoint in (ds_endpoints.add_image, ds_endpoints.save_label, infer_endpoints.run_inference):
+        source = inspect.getsource(endpoint)
+        assert "NamedTemporaryFile(suffix=file_ext).name" in source and "background_tasks.add_task" in source
+        assert "json.loads(params)" in source  # invalid JSON: a bare 500; the adapter answers 400
+    assert 'status_code=500, detail="Neither Image' in inspect.getsource(infer_endpoints.run_inference)

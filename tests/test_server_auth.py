@@ -149,12 +149,24 @@ def test_upstream_token_check_still_rejects_valid_rs256_tokens(realm, monkeypatc
     assert adapter.from_token(realm.token("admin")).roles == list(ROLES.values())
 
 
-def test_upstream_still_asks_admin_to_train_and_only_annotator_for_the_dataset(server, realm):
-    """MONAI Label's own RBAC is flat and differs from our table (training needs admin, the dataset ZIP
-    only annotator): the reason the adapter enforces ROUTE_ROLES instead."""
+def test_upstream_rbac_is_flat_and_differs_from_our_table(server, realm):
+    """MONAI Label's own per-endpoint RBAC asks admin to train and only annotator for the dataset ZIP
+    (and a token must hold that exact role): the reason the adapter enforces ROUTE_ROLES instead.
+    openapi.json states the roles enforced."""
+    import inspect
+
+    from monailabel.endpoints import datastore, train
+
+    def upstream_role(endpoint):
+        return inspect.signature(endpoint).parameters["user"].default.dependency.roles
+
+    assert upstream_role(train.api_run_training) == ROLES["admin"]
+    assert upstream_role(datastore.api_download_dataset) == ROLES["annotator"]
     schema, _ = _operations(server, realm)
-    assert "monailabel-admin" in schema["paths"]["/train/{model}"]["post"]["summary"]
-    assert "monailabel-annotator" in schema["paths"]["/datastore/dataset"]["get"]["summary"]
+    assert schema["paths"]["/train/{model}"]["post"]["x-required-role"] == ROLES["reviewer"]
+    assert schema["paths"]["/datastore/dataset"]["get"]["x-required-role"] == ROLES["admin"]
+    assert schema["paths"]["/infer/{model}"]["post"]["x-required-role"] == ROLES["annotator"]
+    assert schema["paths"]["/auth/token"]["post"]["x-required-role"] == "public"
 
 
 # ---------------------------------------------------------------------------------------------- 401

@@ -572,6 +572,7 @@ def install(upload_root: Path) -> BindPolicy | None:
             if redactor not in handler.filters:
                 handler.addFilter(redactor)
 
+    _declare_roles_in_openapi(fastapi_app)
     fastapi_app.add_exception_handler(json.JSONDecodeError, _invalid_json)
     fastapi_app.add_exception_handler(requests.HTTPError, _identity_provider_refused)
     # The stack was built for the lifespan call already; insert ours inside CORS and rebuild it.
@@ -581,6 +582,25 @@ def install(upload_root: Path) -> BindPolicy | None:
     logger.info(f"MRAnnotator server guard: auth {'on' if auth else 'off'}, bind {policy.host}"
                 f"{' (explicit)' if policy.explicit else ''}")
     return policy
+
+
+def _declare_roles_in_openapi(fastapi_app: FastAPI) -> None:
+    """openapi.json: each operation's role from ROUTE_ROLES as ``x-required-role`` (MONAI Label's own
+    ``|RBAC: ...|`` summaries state its flat roles, which are not the ones enforced here)."""
+    build = fastapi_app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        names = role_names()
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                role = required_role(method.upper(), path)
+                operation["x-required-role"] = PUBLIC if role == PUBLIC else names[role]
+                operation["summary"] = re.sub(r"^\|RBAC: [^|]*\|\s*-?\s*", "", operation.get("summary", ""))
+        return schema
+
+    fastapi_app.openapi = openapi
+    fastapi_app.openapi_schema = None
 
 
 def _middleware(cls, **kwargs):
