@@ -160,7 +160,7 @@ def test_upstream_rbac_is_flat_and_differs_from_our_table(server, realm):
     def upstream_role(endpoint):
         return inspect.signature(endpoint).parameters["user"].default.dependency.roles
 
-    assert upstream_role(train.api_run_training) == ROLES["admin"]
+    assert upstream_role(train.api_run_model) == ROLES["admin"]
     assert upstream_role(datastore.api_download_dataset) == ROLES["annotator"]
     schema, _ = _operations(server, realm)
     assert schema["paths"]["/train/{model}"]["post"]["x-required-role"] == ROLES["reviewer"]

@@ -422,7 +422,7 @@ def precheck(method: str, template: str, path: str, query: dict[str, str]) -> tu
     if (method, template) == ("GET", "/datastore/dataset") and not datastore.datalist():
         return 404, "the dataset has no labelled image yet: nothing to download"
     image = query.get("id") if method == "DELETE" else query.get("image")
-    if template in ("/datastore/image", "/datastore/") and method == "DELETE" or template == "/datastore/image/info":
+    if (template in ("/datastore/image", "/datastore/") and method == "DELETE") or template == "/datastore/image/info":
         if image is not None and image not in datastore.list_images():
             return 404, f"image {image!r} is not in the datastore"
     if template in ("/datastore/label", "/datastore/label/info") and method in ("DELETE", "GET", "PUT"):
@@ -491,7 +491,6 @@ class ServerGuard:
         held = role_level(token_roles(claims))
         if held < ROLE_ORDER.index(role):
             return 403, f"{method} {path} needs the role {role_names()[role]!r}"
-        scope.setdefault("state", {})["user"] = claims.get(settings.MONAI_LABEL_AUTH_TOKEN_USERNAME)
         return None
 
 
