@@ -277,6 +277,7 @@ def test_slicer_client_flow_with_a_token(server, realm):
 
 def test_admin_can_delete_download_and_read_logs(server, realm):
     tok = realm.token("admin")
+    assert _call(server, "POST", "/train/nosuch", tok, json={}).status_code == 404  # past the role check
     r = _call(server, "GET", "/datastore/dataset", tok)
     assert r.status_code == 200 and r.content[:2] == b"PK"
     logs = _call(server, "GET", "/logs/?lines=2000&text=true", tok)

@@ -184,11 +184,11 @@ _key_cache: dict[str, tuple[float, str]] = {}
 _key_lock = threading.Lock()
 
 
-def realm_public_key(realm_uri: str) -> str:
+def realm_public_key(realm_uri: str, max_age_s: float = _KEY_TTL_S) -> str:
     """PEM public key served at the realm URL (``{"public_key": ...}``, as Keycloak does), cached 5 min."""
     with _key_lock:
         hit = _key_cache.get(realm_uri)
-        if hit and time.monotonic() - hit[0] < _KEY_TTL_S:
+        if hit and time.monotonic() - hit[0] < max_age_s:
             return hit[1]
     try:
         r = requests.get(realm_uri, timeout=settings.MONAI_LABEL_AUTH_TIMEOUT)
@@ -206,15 +206,22 @@ def verify_token(token: str) -> dict[str, Any]:
     """Claims of a valid access token; ``jwt.InvalidTokenError`` for a bad signature, audience, issuer,
     algorithm or an expired token."""
     realm = settings.MONAI_LABEL_AUTH_REALM_URI
-    return jwt.decode(
-        token,
-        realm_public_key(realm),
-        algorithms=["RS256"],
-        audience=settings.MONAI_LABEL_AUTH_CLIENT_ID,
-        issuer=realm,
-        options={"require": ["exp", "iss", "aud"]},
-        leeway=10,  # clock skew between the identity provider and this server
-    )
+
+    def decode(key: str) -> dict[str, Any]:
+        return jwt.decode(
+            token,
+            key,
+            algorithms=["RS256"],
+            audience=settings.MONAI_LABEL_AUTH_CLIENT_ID,
+            issuer=realm,
+            options={"require": ["exp", "iss", "aud"]},
+            leeway=10,  # clock skew between the identity provider and this server
+        )
+
+    try:
+        return decode(realm_public_key(realm))
+    except jwt.InvalidSignatureError:  # the realm may have rotated its key: read it again (at most every 30 s)
+        return decode(realm_public_key(realm, max_age_s=30.0))
 
 
 def token_roles(claims: dict[str, Any]) -> list[str]:
