@@ -55,7 +55,9 @@ def start_server(root: Path, studies: Path, weights: Path, *, host: str | None =
     """
     port = free_port()
     venv_bin = Path(sys.executable).parent
-    full_env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+    (root / "tmp").mkdir(exist_ok=True)  # the server's temp files stay in the test's folder
+    full_env = {**os.environ, "TMPDIR": str(root / "tmp"),
+                "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
                 "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_SESSION_PATH": str(root / "sessions"),
                 "nnUNet_n_proc_DA": "0", **(env or {})}
     options = {"weights": str(weights), "device": "cpu", "model_dir": str(root / "model"), **(conf or {})}

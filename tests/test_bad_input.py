@@ -36,8 +36,8 @@ def _adapter():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, demo_weights):
     root = tmp_path_factory.mktemp("bad_input")
-    studies, files, tmp = root / "studies", root / "files", root / "tmp"
-    for d in (studies, files, tmp):
+    studies, files, tmp = root / "studies", root / "files", root / "tmp"  # tmp: the server's TMPDIR
+    for d in (studies, files):
         d.mkdir()
     ph = make_phantom("abdomen", seed=8300)
     nib.save(ph.image, studies / "abdomen.nii.gz")
@@ -45,7 +45,7 @@ def server(tmp_path_factory, demo_weights):
     wrong = np.zeros((8, 8, 8), np.uint8)
     nib.save(nib.Nifti1Image(wrong, np.eye(4)), files / "wrong_shape.nii.gz")
     (files / "corrupt.nii.gz").write_bytes(gzip.compress(b"not a nifti at all" * 40))
-    srv = start_server(root, studies, demo_weights, host=None, env={"TMPDIR": str(tmp)})
+    srv = start_server(root, studies, demo_weights, host=None)
     s = {"server": srv, "url": srv.url, "studies": studies, "files": files, "tmp": tmp, "port": srv.port,
          "bodies": []}
     yield s

@@ -35,6 +35,7 @@ the app (before uvicorn binds its socket). Each fix has a test in ``tests/test_s
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextvars
 import gc
 import ipaddress
@@ -570,6 +571,7 @@ def install(upload_root: Path) -> BindPolicy | None:
 
     shutil.rmtree(upload_root, ignore_errors=True)  # folders of requests cut short by a killed server
     upload_root.mkdir(parents=True, mode=0o700)
+    atexit.register(shutil.rmtree, upload_root, ignore_errors=True)
     UPLOAD_ROOT = upload_root.resolve()
     tempfile.gettempdir, tempfile.gettempdirb = _gettempdir, _gettempdirb
     redactor = RedactUploads()
