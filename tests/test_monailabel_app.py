@@ -8,12 +8,7 @@ trip (which labels two images and fine-tunes) comes last.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from server_support import client_status, start_server, stop_server
 
 from mrannotator.catalogue import load_catalogue
 from mrannotator.phantoms import make_phantom
@@ -34,12 +30,6 @@ pytestmark = pytest.mark.timeout(1200)
 LABELED = ("abdomen_new_contrast_a", "abdomen_new_contrast_b")
 UNLABELED_PHANTOMS = ("abdomen_plain",)
 TRAIN_PARAMS = {"max_epochs": 2, "iterations": 6, "val_iterations": 1, "learning_rate": 0.01}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _new_contrast(image: nib.Nifti1Image) -> nib.Nifti1Image:
@@ -72,49 +62,13 @@ def studies(tmp_path_factory, real_mr):
 def server(studies, demo_weights):
     from monailabel.client import MONAILabelClient
 
-    port = _free_port()
-    venv_bin = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-           "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_SESSION_PATH": str(studies["root"] / "sessions"),
-           "nnUNet_n_proc_DA": "0"}
-    model_dir = studies["root"] / "model"
-    app = Path(__file__).parents[1] / "apps" / "mrannotator"
-    cmd = [str(venv_bin / "monailabel"), "start_server", "--app", str(app),
-           "--studies", str(studies["studies"]), "--host", "127.0.0.1", "--port", str(port),
-           "--conf", "weights", str(demo_weights), "--conf", "device", "cpu", "--conf", "model_dir", str(model_dir)]
-    log = open(studies["root"] / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    client = MONAILabelClient(f"http://127.0.0.1:{port}", tmpdir=tempfile.mkdtemp(dir=studies["root"]))
-    deadline = time.time() + 240
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited ({proc.returncode}):\n{(studies['root'] / 'server.log').read_text()[-4000:]}")
-        try:
-            client.info()
-            break
-        except Exception:
-            if time.time() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail(f"server not up in 240 s:\n{(studies['root'] / 'server.log').read_text()[-4000:]}")
-            time.sleep(1)
-    yield {"client": client, "port": port, "model_dir": model_dir, **studies}
-    os.killpg(proc.pid, signal.SIGTERM)  # the server and any train/scoring subprocess it started
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    log.close()
+    srv = start_server(studies["root"], studies["studies"], demo_weights)
+    client = MONAILabelClient(srv.url, tmpdir=tempfile.mkdtemp(dir=studies["root"]))
+    yield {"client": client, "port": srv.port, "model_dir": studies["root"] / "model", **studies}
+    stop_server(srv)
 
 
-def _status_of(call, *args):
-    """HTTP status and message of a client call that is expected to fail."""
-    from monailabel.client.client import MONAILabelClientException
-
-    with pytest.raises(MONAILabelClientException) as e:
-        call(*args)
-    text = str(e.value.msg)
-    return int(text.split(";")[0].split(":")[1]), text
+_status_of = client_status
 
 
 def _http(server, method, selector):

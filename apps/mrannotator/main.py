@@ -8,19 +8,22 @@
 - strategies ``random``, ``first``, ``uncertainty`` (lib/activelearning); scoring ``dice`` (lib/scoring)
 - every image id, label, tag and model name is checked before MONAI Label acts on it
   (lib/datastore.py and :meth:`MRAnnotatorApp.infer`): bad input gets a 4xx with a message.
+- in the server process, lib/monailabel_adapter.py fixes MONAI Label 0.8.5's server: working token
+  auth with roles per route, loopback bind without auth, per-request upload folders removed when the
+  request ends, 4xx instead of 500 / 200-then-ERROR.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 from fastapi import HTTPException
+from lib import monailabel_adapter
 from lib.configs.mrannotator import MRAnnotatorConfig
 from lib.datastore import MRAnnotatorDatastore, check_name
-from lib.errors import not_found, server_error
+from lib.errors import bad_request, not_found, server_error
 from lib.service import CONF_OPTIONS, AppSettings, ModelService
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -35,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp as a direct base
     def __init__(self, app_dir, studies, conf):
+        # the server's fixes go in before anything else: a bind that policy refuses stops the start here
+        monailabel_adapter.install(monailabel_adapter.upload_root(settings.MONAI_LABEL_SERVER_PORT))
         try:
             self.settings = AppSettings.from_conf(conf, app_dir)
             self.service = ModelService(self.settings)
@@ -83,14 +88,10 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
         return meta
 
     # ------------------------------------------------------------ requests, checked first
-    def _uploaded(self, path: str) -> bool:
-        """A file the infer endpoint itself wrote from an upload (``file=``) or a session's image."""
-        p = Path(path)
-        if p.parent == Path(tempfile.gettempdir()) and p.name.startswith("tmp") and p.is_file():
-            return True
-        sessions = self.sessions()
-        store = getattr(sessions, "store_path", None)
-        return bool(store) and p.resolve().is_relative_to(Path(store).resolve()) and p.exists()
+    def _session_image(self, path: str) -> bool:
+        """The image of a session (PUT /session/, 3D Slicer's local volumes), named by the server itself."""
+        store = getattr(self.sessions(), "store_path", None)
+        return bool(store) and Path(path).resolve().is_relative_to(Path(store).resolve()) and Path(path).exists()
 
     def infer(self, request, datastore=None):
         model = request.get("model")
@@ -100,10 +101,17 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
             check_name(str(request["label_tag"]), "label tag")
         ds = datastore or self.datastore()
         image = request.get("image")
-        if isinstance(image, str) and isinstance(ds, MRAnnotatorDatastore):
+        if not isinstance(image, str) or not image:
+            raise bad_request(f"image must be a datastore image id, not {type(image).__name__} {image!r}")
+        if isinstance(ds, MRAnnotatorDatastore):
             if image in ds.list_images():
                 request = {**request, "image_id": image}
-            elif not self._uploaded(image):  # MONAI Label would read any path on the server
+            elif request.get("session") and self._session_image(image):
+                pass
+            elif monailabel_adapter.is_request_upload(image):
+                raise bad_request("infer takes a datastore image id: upload the image with PUT /datastore/image "
+                                  "(or open a session with PUT /session/) first")
+            else:  # MONAI Label would read any path on the server
                 raise not_found(f"image {image!r} is not in the datastore")
         try:
             return super().infer(request, datastore)
