@@ -1,6 +1,6 @@
 """``mrannotator`` command line: segment, demo, weights, evaluate.
 
-Exit codes: 0 success, 2 bad input, 3 weights problem, 1 anything else (with its message).
+Exit codes: 0 success, 2 bad input or unusable output folder, 3 weights problem, 1 anything else (with its message).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .errors import MRAnnotatorError
+from .errors import MRAnnotatorError, OutputError
 from .evaluation import add_cli as add_evaluate_cli
 
 
@@ -34,13 +34,39 @@ def _case_name(path: Path) -> str:
     return name
 
 
+def output_paths(out_dir: Path, case: str) -> tuple[Path, Path]:
+    return out_dir / f"{case}_seg.nii.gz", out_dir / f"{case}_structures.json"
+
+
+def check_output_dir(out_dir: Path, case: str) -> None:
+    """Before minutes of inference: the folder can be made and written, and no folder sits on a result name."""
+    import tempfile
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".mrannotator-write-check-"):
+            pass
+    except OSError as e:
+        raise OutputError(f"cannot write to the output folder {out_dir}: {e.strerror or e}") from e
+    for path in output_paths(out_dir, case):
+        if path.exists() and not path.is_file():
+            raise OutputError(f"cannot write {path}: something that is not a file is in the way")
+
+
 def write_outputs(result, out_dir: Path, case: str, source: str) -> tuple[Path, Path]:
     """Label NIfTI + structures JSON, each written atomically (no partial file on failure)."""
     from .imageio import save_json, save_nifti
 
     report = {"input": source, **result.summary()}
-    seg_path = save_nifti(result.labels, out_dir / f"{case}_seg.nii.gz")
-    json_path = save_json(report, out_dir / f"{case}_structures.json")
+    seg_path, json_path = output_paths(out_dir, case)
+    seg_existed = seg_path.exists()
+    save_nifti(result.labels, seg_path)
+    try:
+        save_json(report, json_path)
+    except OSError as e:
+        if not seg_existed:  # no label map without its report
+            seg_path.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {json_path}: {e.strerror or e}") from e
     return seg_path, json_path
 
 
@@ -51,6 +77,7 @@ def cmd_segment(args) -> int:
     progress = _Progress(args.quiet)
     src = Path(args.input)
     image = load_image(src)  # bad input fails here, before minutes of model loading
+    check_output_dir(Path(args.output), _case_name(src))
     progress(f"read {src}: {image.shape} voxels")
     progress("loading models")
     seg = Segmenter(weights=args.weights, device=args.device, threads=args.threads,
