@@ -100,6 +100,18 @@ class MRAnnotatorDatastore(LocalDatastore):
         with self._index_lock:
             return super().update_label_info(label_id, label_tag, info)
 
+    def status(self):
+        with self._index_lock:
+            return super().status()
+
+    def json(self):
+        with self._index_lock:
+            return super().json()
+
+    def datalist(self, *args, **kwargs):
+        with self._index_lock:
+            return super().datalist(*args, **kwargs)
+
     def remove_image(self, image_id):
         with self._index_lock:
             return super().remove_image(image_id)
@@ -147,6 +159,10 @@ class MRAnnotatorDatastore(LocalDatastore):
         if unknown:
             raise unprocessable(f"label for {image_id!r} has values {unknown[:10]} that are not catalogue ids of "
                                 "the served structures (see /info labels)")
+        if (str(label_filename).lower().endswith((".nii", ".nii.gz")) and data.dtype == np.uint8
+                and np.allclose(label.affine, affine, atol=1e-6)):
+            with self._index_lock:  # already as training wants it: stored byte for byte as uploaded
+                return super().save_label(image_id, str(label_filename), label_tag, label_info)
         normalised = nib.Nifti1Image(data.astype(np.uint8), affine)
         normalised.set_qform(affine, code=1)
         normalised.set_sform(affine, code=1)
