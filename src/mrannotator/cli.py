@@ -71,13 +71,13 @@ def write_outputs(result, out_dir: Path, case: str, source: str) -> tuple[Path, 
 
 
 def cmd_segment(args) -> int:
-    from .engine import Segmenter
     from .imageio import load_image
 
     progress = _Progress(args.quiet)
     src = Path(args.input)
     image = load_image(src)  # bad input fails here, before minutes of model loading
     check_output_dir(Path(args.output), _case_name(src))
+    from .engine import Segmenter  # torch: only once the input and the output folder are known to be usable
     progress(f"read {src}: {image.shape} voxels")
     progress("loading models")
     seg = Segmenter(weights=args.weights, device=args.device, threads=args.threads,

@@ -11,10 +11,12 @@ import numpy as np
 import SimpleITK as sitk
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from lib.datastore import too_large
 from lib.errors import bad_request, unprocessable
 from lib.service import ModelService, mean_entropy
 from mrannotator.errors import InputError
 from mrannotator.imageio import to_sitk
+from mrannotator.limits import TooLargeError
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class SegmentInfer(InferTask):
         try:
             result, served, model_version = self.service.segment_versioned(request["image"], self.dataset,
                                                                            probabilities=uncertainty)
+        except TooLargeError as e:
+            raise too_large(f"image {request.get('image_id', '')!r} cannot be segmented: {e}") from e
         except InputError as e:
             raise unprocessable(f"image {request.get('image_id', '')!r} cannot be segmented: {e}") from e
         t1 = time.perf_counter()
