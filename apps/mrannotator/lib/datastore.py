@@ -82,6 +82,7 @@ class MRAnnotatorDatastore(LocalDatastore):
     def __init__(self, *args, allowed_label_ids: Callable[[], Iterable[int]], **kwargs):
         self._allowed_label_ids = allowed_label_ids
         self._index_lock = threading.RLock()
+        self._geometry_cache: dict[tuple, tuple] = {}
         super().__init__(*args, **kwargs)
 
     def _update_datastore_file(self, lock=True):
@@ -140,9 +141,8 @@ class MRAnnotatorDatastore(LocalDatastore):
             raise unprocessable(f"image {image_id!r} cannot be read, so no label can be stored for it: {e}") from e
         if tuple(declared.shape[:3]) != tuple(image_shape) or any(n != 1 for n in declared.shape[3:]):
             raise unprocessable(f"label for {image_id!r} has shape {declared.shape}; the image has {image_shape}")
-        try:  # read fully: a label for an image that training cannot read would only fail later
-            image = load_image(image_path)
-            shape, affine = image.shape[:3], image.affine
+        try:  # read fully once: a label for an image that training cannot read would only fail later
+            shape, affine = self._image_geometry(image_path)
         except InputError as e:
             raise unprocessable(f"image {image_id!r} cannot be read, so no label can be stored for it: {e}") from e
         label = read_volume(label_filename, f"label for {image_id!r}")
@@ -170,6 +170,21 @@ class MRAnnotatorDatastore(LocalDatastore):
             path = save_nifti(normalised, Path(tmp) / f"{image_id}.nii.gz")
             with self._index_lock:
                 return super().save_label(image_id, str(path), label_tag, label_info)
+
+    def _image_geometry(self, image_path: str) -> tuple[tuple[int, ...], np.ndarray]:
+        """Shape and affine of an image read in full, remembered per file version (mtime, size): the
+        next label for the same image is checked in milliseconds, not in the time to read the image."""
+        st = os.stat(image_path)
+        key = (image_path, st.st_mtime_ns, st.st_size)
+        cached = self._geometry_cache.get(key)
+        if cached is None:
+            image = load_image(image_path)
+            cached = (tuple(image.shape[:3]), np.asarray(image.affine))
+            with self._index_lock:
+                if len(self._geometry_cache) > 4096:
+                    self._geometry_cache.clear()
+                self._geometry_cache[key] = cached
+        return cached
 
     def remove_label(self, label_id, label_tag):
         check_name(label_tag, "label tag")
