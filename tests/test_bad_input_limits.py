@@ -9,7 +9,6 @@ psutil on its PID) and the CLI's (wait4) must not grow by 200 MB. Nothing is sto
 from __future__ import annotations
 
 import gzip
-import os
 import subprocess
 import sys
 import threading

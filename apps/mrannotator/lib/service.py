@@ -231,7 +231,7 @@ class ModelStore:
         removed = []
 
         def left_by_dead_run(path: Path) -> bool:
-            try:  # run-<pid>-<t>, .staging-<pid>-<t>, .current-<pid>
+            try:  # run-<pid>-<t>, .staging-<pid>-<t>, .current-<pid>, v<time>-<pid>
                 return not _pid_alive(int(path.name.split("-")[1]))
             except (IndexError, ValueError):
                 return True
@@ -244,13 +244,16 @@ class ModelStore:
                 else:
                     path.unlink(missing_ok=True)
                 removed.append(path)
+        # versions: a renamed one that a killed run never switched to (newer than current) goes; of the
+        # older ones the newest KEEP_VERSIONS - 1 stay (a server may still be loading the one just replaced)
         current = self.current()
-        versions = sorted((p for p in self.versions.glob("v*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
-        keep = {p.name for p in versions[-self.KEEP_VERSIONS:]} | ({current[0]} if current else set())
-        for path in versions:
-            if path.name not in keep:
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
+        versions = sorted(p for p in self.versions.glob("v*") if p.is_dir())  # names sort by time
+        older = [p for p in versions if current is not None and p.name < current[0]]
+        newer = [p for p in versions if current is None or p.name > current[0]]
+        stale = older[:max(0, len(older) - (self.KEEP_VERSIONS - 1))] + [p for p in newer if left_by_dead_run(p)]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
         for path in removed:
             logger.info(f"removed what an earlier training left: {path}")
         return removed
