@@ -34,7 +34,7 @@ from mrannotator.phantoms import make_phantom
 pytestmark = pytest.mark.timeout(1500)
 
 TRAIN = {"max_epochs": 1, "iterations": 1, "val_iterations": 1}
-CONF = {"epochs": "1", "iterations": "1", "val_iterations": "1", "threads": "1"}
+CONF = {"epochs": "1", "iterations": "1", "val_iterations": "1", "threads": "1", "regions": "abdomen,knee"}
 KILLS = 5
 
 
@@ -143,7 +143,8 @@ def test_runs_publish_all_models_at_once_and_killed_runs_publish_nothing(server,
             assert now[image][1] == v1 and now[image][2] == served_v1[image][2], (k, points[k - 1])
             np.testing.assert_array_equal(now[image][0], served_v1[image][0])
         assert os.readlink(server.model_dir / "current") == f"versions/{v1}"
-        assert not list(tmpdir.iterdir()), (k, list(tmpdir.rglob("*")))  # nothing in its /tmp
+        # nothing in its /tmp (torch makes its empty inductor cache folder there when nnU-Net is imported)
+        assert not [p for p in tmpdir.rglob("*") if not p.is_dir()], (k, list(tmpdir.rglob("*")))
         work = list((server.model_dir / ".work").glob("run-*"))
         assert len(work) <= 1, work  # this run's; the one before was removed when this run's app started
         if previous_work is not None:
