@@ -39,12 +39,17 @@ def output_paths(out_dir: Path, case: str) -> tuple[Path, Path]:
 
 
 def check_output_dir(out_dir: Path, case: str) -> None:
-    """Before minutes of inference: the folder can be made and written, and no folder sits on a result name."""
+    """Before minutes of inference: the folder (or the folder it will be made in) can be written, and no
+    folder sits on a result name. Creates nothing: a run that fails later leaves no empty output folder."""
     import tempfile
 
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot write to the output folder {out_dir}: {existing} is not a folder")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".mrannotator-write-check-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".mrannotator-write-check-"):
             pass
     except OSError as e:
         raise OutputError(f"cannot write to the output folder {out_dir}: {e.strerror or e}") from e
@@ -71,13 +76,13 @@ def write_outputs(result, out_dir: Path, case: str, source: str) -> tuple[Path, 
 
 
 def cmd_segment(args) -> int:
+    from .engine import Segmenter
     from .imageio import load_image
 
     progress = _Progress(args.quiet)
     src = Path(args.input)
     image = load_image(src)  # bad input fails here, before minutes of model loading
     check_output_dir(Path(args.output), _case_name(src))
-    from .engine import Segmenter  # torch: only once the input and the output folder are known to be usable
     progress(f"read {src}: {image.shape} voxels")
     progress("loading models")
     seg = Segmenter(weights=args.weights, device=args.device, threads=args.threads,
