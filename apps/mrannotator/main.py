@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fastapi import HTTPException
 from lib import monailabel_adapter
+from lib.concurrency import RoutePools, offload_blocking_routes
 from lib.configs.mrannotator import MRAnnotatorConfig
 from lib.datastore import MRAnnotatorDatastore, check_name
 from lib.errors import bad_request, not_found, server_error
@@ -55,6 +56,8 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
             description="MRI multi-structure segmentation (nnU-Net v2 region models, label catalogue ids)",
             version=mrannotator.__version__,
         )
+        # blocking MONAI Label routes go to worker threads and a bounded infer queue (no-op in subprocesses)
+        offload_blocking_routes(pools=RoutePools(self.settings.infer_queue, self.settings.workers))
 
     # ------------------------------------------------------------ tasks
     def init_datastore(self):

@@ -17,3 +17,9 @@ class WeightsError(MRAnnotatorError):
     """Model weights are missing, incomplete or do not match the label catalogue."""
 
     exit_code = 3
+
+
+class OutputError(MRAnnotatorError):
+    """The output folder cannot be created or written, or something is in the way of a result file."""
+
+    exit_code = 2

@@ -6,11 +6,9 @@ NIfTI files, DICOM folders (through :mod:`mrannotator.dicom`), nibabel images an
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import tempfile
-import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -18,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .limits import read_nifti_bytes
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM / ITK patient axes <-> nibabel's
 # image and label map files, as named on the command line and in evaluation folders
@@ -61,12 +60,9 @@ def load_image(source, series_uid: str | None = None) -> nib.Nifti1Image:
 
 def _load_nifti(path: Path) -> nib.Nifti1Image:
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":  # gzip: decompress fully so a corrupt or truncated stream is named as such
-            try:
-                raw = gzip.decompress(raw)
-            except (gzip.BadGzipFile, zlib.error, EOFError) as e:
-                raise InputError(f"cannot read {path}: corrupt or truncated gzip data ({e})") from e
+        # header-declared size against the caps and the file, then a bounded read (a gzip bomb or a forged
+        # header is refused before anything is allocated; a corrupt or truncated stream is named as such)
+        raw = read_nifti_bytes(path)
         for cls in (nib.Nifti1Image, nib.Nifti2Image):
             try:
                 img = cls.from_bytes(raw)

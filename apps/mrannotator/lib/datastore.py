@@ -12,17 +12,20 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
 from lib.errors import bad_request, not_found, unprocessable
 from mrannotator.errors import InputError
 from mrannotator.imageio import load_image, save_nifti, whole_labels
+from mrannotator.limits import Declared, TooLargeError, check_image_file
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +40,27 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
+def too_large(message: str) -> HTTPException:
+    return HTTPException(status_code=413, detail=message)
+
+
+def check_header(path: str | Path, what: str) -> Declared:
+    """The file's declared size against the caps and the file (``mrannotator.limits``), from its header only:
+    413 over a cap, 422 for a malformed or forged header. Nothing is decompressed."""
+    try:
+        return check_image_file(path, what)
+    except TooLargeError as e:
+        raise too_large(str(e)) from e
+    except InputError as e:
+        raise unprocessable(str(e)) from e
+    except OSError as e:
+        raise unprocessable(f"cannot read {what}: {e.strerror or e}") from e
+
+
 def read_volume(path: str | Path, what: str) -> nib.Nifti1Image:
-    """A NIfTI or NRRD file as a checked nibabel volume; 422 with the reason when it cannot be used."""
+    """A NIfTI or NRRD file as a checked nibabel volume; 413/422 with the reason when it cannot be used."""
     path = Path(path)
+    check_header(path, what)
     try:
         if path.name.lower().endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
             try:
@@ -48,14 +69,53 @@ def read_volume(path: str | Path, what: str) -> nib.Nifti1Image:
                 raise InputError(f"cannot read {what}: {str(e).strip().splitlines()[-1]}") from e
             return load_image(image)
         return load_image(path)
+    except TooLargeError as e:
+        raise too_large(f"{what}: {e}") from e
     except InputError as e:
         raise unprocessable(f"{what}: {e}") from e
 
 
 class MRAnnotatorDatastore(LocalDatastore):
+    """Thread-safe: requests now run in worker threads (lib/concurrency.py), and LocalDatastore mutates
+    its in-memory index and rewrites datastore.json without a lock of its own for the process."""
+
     def __init__(self, *args, allowed_label_ids: Callable[[], Iterable[int]], **kwargs):
         self._allowed_label_ids = allowed_label_ids
+        self._index_lock = threading.RLock()
+        self._geometry_cache: dict[tuple, tuple] = {}
         super().__init__(*args, **kwargs)
+
+    def _update_datastore_file(self, lock=True):
+        with self._index_lock:
+            return super()._update_datastore_file(lock)
+
+    def refresh(self):
+        with self._index_lock:
+            return super().refresh()
+
+    def update_image_info(self, image_id, info):
+        with self._index_lock:
+            return super().update_image_info(image_id, info)
+
+    def update_label_info(self, label_id, label_tag, info):
+        with self._index_lock:
+            return super().update_label_info(label_id, label_tag, info)
+
+    def status(self):
+        with self._index_lock:
+            return super().status()
+
+    def json(self):
+        with self._index_lock:
+            return super().json()
+
+    def datalist(self, *args, **kwargs):
+        with self._index_lock:
+            return super().datalist(*args, **kwargs)
+
+    def remove_image(self, image_id):
+        with self._index_lock:
+            return super().remove_image(image_id)
 
     def require_image(self, image_id: str) -> str:
         """The image's path; 404 for an id the datastore does not hold."""
@@ -67,14 +127,22 @@ class MRAnnotatorDatastore(LocalDatastore):
         if image_id:
             check_name(image_id, "image id")
         read_volume(image_filename, "uploaded image")
-        return super().add_image(image_id, image_filename, image_info)
+        with self._index_lock:
+            return super().add_image(image_id, image_filename, image_info)
 
     def save_label(self, image_id, label_filename, label_tag, label_info):
         check_name(label_tag, "label tag")
         image_path = self.require_image(image_id)
-        try:  # read fully: a label for an image that training cannot read would only fail later
-            image = load_image(image_path)
-            shape, affine = image.shape[:3], image.affine
+        # headers first: a label bomb or a label of another shape is refused before any voxel is read
+        declared = check_header(label_filename, f"label for {image_id!r}")
+        try:
+            image_shape = check_image_file(image_path, f"image {image_id!r}").shape[:3]
+        except InputError as e:
+            raise unprocessable(f"image {image_id!r} cannot be read, so no label can be stored for it: {e}") from e
+        if tuple(declared.shape[:3]) != tuple(image_shape) or any(n != 1 for n in declared.shape[3:]):
+            raise unprocessable(f"label for {image_id!r} has shape {declared.shape}; the image has {image_shape}")
+        try:  # read fully once: a label for an image that training cannot read would only fail later
+            shape, affine = self._image_geometry(image_path)
         except InputError as e:
             raise unprocessable(f"image {image_id!r} cannot be read, so no label can be stored for it: {e}") from e
         label = read_volume(label_filename, f"label for {image_id!r}")
@@ -92,16 +160,37 @@ class MRAnnotatorDatastore(LocalDatastore):
         if unknown:
             raise unprocessable(f"label for {image_id!r} has values {unknown[:10]} that are not catalogue ids of "
                                 "the served structures (see /info labels)")
+        if (str(label_filename).lower().endswith((".nii", ".nii.gz")) and data.dtype == np.uint8
+                and np.allclose(label.affine, affine, atol=1e-6)):
+            with self._index_lock:  # already as training wants it: stored byte for byte as uploaded
+                return super().save_label(image_id, str(label_filename), label_tag, label_info)
         normalised = nib.Nifti1Image(data.astype(np.uint8), affine)
         normalised.set_qform(affine, code=1)
         normalised.set_sform(affine, code=1)
         with tempfile.TemporaryDirectory() as tmp:
             path = save_nifti(normalised, Path(tmp) / f"{image_id}.nii.gz")
-            return super().save_label(image_id, str(path), label_tag, label_info)
+            with self._index_lock:
+                return super().save_label(image_id, str(path), label_tag, label_info)
+
+    def _image_geometry(self, image_path: str) -> tuple[tuple[int, ...], np.ndarray]:
+        """Shape and affine of an image read in full, remembered per file version (mtime, size): the
+        next label for the same image is checked in milliseconds, not in the time to read the image."""
+        st = os.stat(image_path)
+        key = (image_path, st.st_mtime_ns, st.st_size)
+        cached = self._geometry_cache.get(key)
+        if cached is None:
+            image = load_image(image_path)
+            cached = (tuple(image.shape[:3]), np.asarray(image.affine))
+            with self._index_lock:
+                if len(self._geometry_cache) > 4096:
+                    self._geometry_cache.clear()
+                self._geometry_cache[key] = cached
+        return cached
 
     def remove_label(self, label_id, label_tag):
         check_name(label_tag, "label tag")
-        return super().remove_label(label_id, label_tag)
+        with self._index_lock:
+            return super().remove_label(label_id, label_tag)
 
     def image_signature(self, image_id: str) -> str:
         st = os.stat(self.require_image(image_id))

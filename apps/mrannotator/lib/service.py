@@ -1,9 +1,15 @@
 """The engine as this app serves it: settings from ``--conf``, one Segmenter per process, hot reload.
 
-Fine-tuned checkpoints are published into ``model_dir`` with the release layout
-(``model_dir/DatasetXXX_Name/TRAINER__PLANS__3d_fullres/fold_0/checkpoint_final.pth``). A published
-folder replaces the pretrained one of the same dataset; before every prediction the service compares
-the checkpoints' (path, mtime, size) with those it loaded and reloads the models when one changed.
+Fine-tuned checkpoints are published as whole versions (:class:`ModelStore`)::
+
+    model_dir/versions/<version>/DatasetXXX_Name/TRAINER__PLANS__3d_fullres/fold_0/checkpoint_final.pth
+    model_dir/current -> versions/<version>        (one symlink, switched by one atomic rename)
+
+A training run writes every region model it fine-tunes (and carries over the fine-tuned models it did
+not touch) into a staging folder, renames it into ``versions/`` and only then switches ``current``: all
+models of a run become visible together, and a run killed at any point leaves the previous version
+serving. Before every prediction the service compares what ``current`` names with what it loaded and
+reloads when it changed; ``/info`` and every infer result name the version actually loaded.
 """
 
 from __future__ import annotations
@@ -11,12 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from mrannotator import limits
 from mrannotator.catalogue import region_names
 from mrannotator.engine import Segmentation, Segmenter
 from mrannotator.errors import InputError
@@ -25,6 +35,7 @@ from mrannotator.weights import ModelFolder, Weights, demo_weights_dir, installe
 logger = logging.getLogger(__name__)
 
 BASE_FILE = "mrannotator_base.json"
+PRETRAINED = "pretrained"  # the model version name while nothing fine-tuned is published
 
 CONF_OPTIONS = {
     "weights": "auto (installed official weights, else the demo weights), demo, official, or a folder",
@@ -38,6 +49,10 @@ CONF_OPTIONS = {
     "val_iterations": "validation iterations per epoch (default 2)",
     "learning_rate": "initial learning rate of the fine-tuning (default 0.01 as nnU-Net, poly decay)",
     "reserve_seconds": "how long an image handed out by a strategy is kept from other annotators (default 600)",
+    "max_voxels": "largest image or label accepted, in voxels (default 268435456 = 2^28; MRANNOTATOR_MAX_VOXELS)",
+    "max_bytes": "largest image or label accepted, in bytes of voxel data and of file size (default 1 GiB)",
+    "infer_queue": "infer requests that may wait behind the running one; more get 503 with Retry-After (default 16)",
+    "workers": "worker threads for datastore writes, strategies and scoring (default 4)",
 }
 
 
@@ -89,6 +104,10 @@ class AppSettings:
     val_iterations: int = 2
     learning_rate: float = 1e-2
     reserve_seconds: int = 600
+    max_voxels: int = limits.DEFAULT_MAX_VOXELS
+    max_bytes: int = limits.DEFAULT_MAX_BYTES
+    infer_queue: int = 16
+    workers: int = 4
 
     @classmethod
     def from_conf(cls, conf: dict | None, app_dir: str | Path) -> AppSettings:
@@ -106,7 +125,14 @@ class AppSettings:
             val_iterations=_int(conf, "val_iterations", 2),
             learning_rate=_float(conf, "learning_rate", 1e-2),
             reserve_seconds=_int(conf, "reserve_seconds", 600, minimum=0),
+            max_voxels=_int(conf, "max_voxels", limits.Limits.from_env().max_voxels),
+            max_bytes=_int(conf, "max_bytes", limits.Limits.from_env().max_bytes),
+            infer_queue=_int(conf, "infer_queue", 16, minimum=0),
+            workers=_int(conf, "workers", 4),
         )
+
+    def input_limits(self) -> limits.Limits:
+        return limits.Limits(max_voxels=self.max_voxels, max_bytes=self.max_bytes)
 
 
 def pretrained_weights(spec: str) -> Weights:
@@ -128,6 +154,7 @@ def pretrained_weights(spec: str) -> Weights:
 class ServedModel:
     folder: ModelFolder
     finetuned: bool
+    model_version: str = PRETRAINED
     signature: tuple = field(default=())
 
     def describe(self) -> dict:
@@ -137,43 +164,140 @@ class ServedModel:
             "dataset": self.folder.dataset,
             "checkpoint": str(ck),
             "finetuned": self.finetuned,
+            "model_version": self.model_version,
             "modified": int(st.st_mtime),
             "size": st.st_size,
             "version": hashlib.sha1(f"{ck}:{st.st_mtime_ns}:{st.st_size}".encode()).hexdigest()[:12],
         }
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ModelStore:
+    """The published versions in ``model_dir`` and the one ``current`` names.
+
+    Folders a run writes carry its pid (``.work/run-<pid>-<t>``, ``versions/.staging-<pid>-<t>``), so
+    :meth:`clean` removes only what a dead run left (a killed training), never a running one's.
+    """
+
+    KEEP_VERSIONS = 3  # the current one and two before it (a server may be loading one just replaced)
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.versions = self.root / "versions"
+        self.current_link = self.root / "current"
+        self.work_root = self.root / ".work"
+
+    def current(self) -> tuple[str, Path] | None:
+        """(version name, folder) of the published version, None while only pretrained weights are served."""
+        try:
+            target = os.readlink(self.current_link)
+        except (FileNotFoundError, OSError):
+            return None
+        folder = (self.root / target).resolve()
+        return (folder.name, folder) if folder.is_dir() else None
+
+    def new_run(self) -> tuple[Path, Path]:
+        """A work folder (preprocessed cases, nnU-Net's folders, temp files) and a staging folder for one run."""
+        tag = f"{os.getpid()}-{time.time_ns()}"
+        work = self.work_root / f"run-{tag}"
+        staging = self.versions / f".staging-{tag}"
+        work.mkdir(parents=True)
+        staging.mkdir(parents=True)
+        return work, staging
+
+    def publish(self, staging: Path, before_switch=None) -> str:
+        """Rename the staged folder into ``versions/`` and switch ``current`` to it (each an atomic rename)."""
+        name = time.strftime("v%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+        final = self.versions / name
+        os.rename(staging, final)
+        if before_switch:
+            before_switch()
+        link = self.root / f".current-{os.getpid()}"
+        link.unlink(missing_ok=True)
+        os.symlink(os.path.join("versions", name), link)
+        os.replace(link, self.current_link)
+        return name
+
+    def clean(self) -> list[Path]:
+        """Remove what dead runs left (work and staging folders, unswitched versions) and old versions."""
+        removed = []
+
+        def left_by_dead_run(path: Path) -> bool:
+            try:  # run-<pid>-<t>, .staging-<pid>-<t>, .current-<pid>, v<time>-<pid>
+                return not _pid_alive(int(path.name.split("-")[1]))
+            except (IndexError, ValueError):
+                return True
+
+        leftovers = [*self.work_root.glob("run-*"), *self.versions.glob(".staging-*"), *self.root.glob(".current-*")]
+        for path in leftovers:
+            if left_by_dead_run(path):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+        # versions: a renamed one that a killed run never switched to (newer than current) goes; of the
+        # older ones the newest KEEP_VERSIONS - 1 stay (a server may still be loading the one just replaced)
+        current = self.current()
+        versions = sorted(p for p in self.versions.glob("v*") if p.is_dir())  # names sort by time
+        older = [p for p in versions if current is not None and p.name < current[0]]
+        newer = [p for p in versions if current is None or p.name > current[0]]
+        stale = older[:max(0, len(older) - (self.KEEP_VERSIONS - 1))] + [p for p in newer if left_by_dead_run(p)]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        for path in removed:
+            logger.info(f"removed what an earlier training left: {path}")
+        return removed
+
+
 class ModelService:
-    """The Segmenter this process serves, rebuilt when a fine-tuned checkpoint is published."""
+    """The Segmenter this process serves, rebuilt when a new model version is published."""
 
     def __init__(self, settings: AppSettings):
         self.settings = settings
+        limits.configure(settings.input_limits())
         self.pretrained = pretrained_weights(settings.weights)
-        self._lock = threading.RLock()
+        self.store = ModelStore(settings.model_dir)
+        self.store.clean()  # a killed training's work folder (patient data) goes at start-up
+        self._lock = threading.RLock()  # held while loading and predicting
         self._signature: tuple | None = None
         self._segmenter: Segmenter | None = None
-        self._served: list[ServedModel] = []
+        # what is loaded: replaced as a whole (never mutated), so /info reads it without the lock
+        self._served: tuple[list[ServedModel], str] = ([], PRETRAINED)
         self.segmenter()  # load once at start: a broken model fails the start, not the first request
 
     # ------------------------------------------------------------ which checkpoints
-    def published_folder(self, folder: ModelFolder) -> Path:
-        return self.settings.model_dir / folder.dataset / folder.path.name
+    def published_folder(self, folder: ModelFolder, version_folder: Path) -> Path:
+        return Path(version_folder) / folder.dataset / folder.path.name
 
-    def _current(self) -> list[ServedModel]:
+    def _current(self) -> tuple[list[ServedModel], str]:
+        current = self.store.current()
+        version, version_folder = current if current else (PRETRAINED, None)
         out = []
         for mf in self.pretrained.models:
-            pub = self.published_folder(mf)
-            if (pub / "fold_0" / "checkpoint_final.pth").is_file() and self._derives_from(pub, mf):
-                try:
-                    out.append(ServedModel(read_model_folder(pub), True))
-                    continue
-                except Exception as e:  # a broken publication must not take the pretrained model down
-                    logger.error(f"ignoring published model {pub}: {e}")
-            out.append(ServedModel(mf, False))
+            if version_folder is not None:
+                pub = self.published_folder(mf, version_folder)
+                if (pub / "fold_0" / "checkpoint_final.pth").is_file() and self._derives_from(pub, mf):
+                    try:
+                        out.append(ServedModel(read_model_folder(pub), True, version))
+                        continue
+                    except Exception as e:  # a broken publication must not take the pretrained model down
+                        logger.error(f"ignoring published model {pub}: {e}")
+            out.append(ServedModel(mf, False, version))
         for m in out:
             st = m.folder.checkpoint.stat()
             m.signature = (str(m.folder.checkpoint), st.st_mtime_ns, st.st_size)
-        return out
+        return out, version
 
     @staticmethod
     def base_record(pretrained: ModelFolder) -> dict:
@@ -195,8 +319,8 @@ class ModelService:
 
     def segmenter(self) -> Segmenter:
         with self._lock:
-            current = self._current()
-            signature = tuple(m.signature for m in current)
+            current, version = self._current()
+            signature = (version, *(m.signature for m in current))
             if signature != self._signature:
                 weights = Weights(source=self.pretrained.source, root=self.pretrained.root,
                                   models=[m.folder for m in current], manifest=self.pretrained.manifest)
@@ -204,35 +328,48 @@ class ModelService:
                                             threads=self.settings.threads, regions=self.settings.regions,
                                             mode=self.settings.mode)
                 loaded = {m.dataset for m in self._segmenter.models}
-                self._served = [m for m in current if m.folder.dataset in loaded]
+                self._served = ([m for m in current if m.folder.dataset in loaded], version)
                 if self._signature is not None:
-                    logger.info(f"reloaded models: {[m.describe() for m in self._served]}")
+                    logger.info(f"reloaded models, version {version}: {[m.describe() for m in self._served[0]]}")
                 self._signature = signature
             return self._segmenter
 
     def served(self) -> list[ServedModel]:
-        with self._lock:
-            return list(self._served)
+        """The models loaded now (no lock: /info must answer while a prediction runs)."""
+        return list(self._served[0])
+
+    def model_version(self) -> str:
+        """The published version loaded now (``pretrained`` before any fine-tuning)."""
+        return self._served[1]
 
     def describe(self) -> dict:
+        served, version = self._served
         return {
             "pretrained": self.pretrained.describe(),
             "model_dir": str(self.settings.model_dir),
-            "models": [m.describe() for m in self.served()],
+            "model_version": version,
+            "models": [m.describe() for m in served],
+            "limits": {"max_voxels": self.settings.max_voxels, "max_bytes": self.settings.max_bytes},
         }
 
     # ------------------------------------------------------------ prediction
     def segment(self, image, dataset: str | None = None, probabilities: bool = False) -> Segmentation:
-        """Segment with every served model (``dataset`` None) or with one region model only."""
+        return self.segment_versioned(image, dataset, probabilities)[0]
+
+    def segment_versioned(self, image, dataset: str | None = None, probabilities: bool = False
+                          ) -> tuple[Segmentation, list[ServedModel], str]:
+        """Segment with every served model (``dataset`` None) or one region model; also the models and
+        version that made it (read under the same lock, so they cannot be a newer reload's)."""
         with self._lock:
             seg = self.segmenter()
+            served, version = self._served
             regions = None
             if dataset is not None:
                 model = next((m for m in seg.models if m.dataset == dataset), None)
                 if model is None:
                     raise InputError(f"model {dataset} is not served")
                 regions = model.folder.regions()
-            return seg.segment(image, regions=regions, probabilities=probabilities)
+            return seg.segment(image, regions=regions, probabilities=probabilities), list(served), version
 
 
 def mean_entropy(segmenter: Segmenter, result: Segmentation) -> float:

@@ -25,19 +25,22 @@ class SoftmaxEntropy(Strategy):
         self.service = service
 
     def entropy(self, datastore: Datastore, image_id: str) -> float | None:
-        versions = ",".join(m.describe()["version"] for m in self.service.served())
         signature = getattr(datastore, "image_signature", lambda _: "")(image_id)  # file mtime and size
-        key = f"{signature}|{versions}"
+
+        def key(served) -> str:  # per image file and model version: a new version re-ranks, nothing else does
+            return f"{signature}|{','.join(m.describe()['version'] for m in served)}"
+
         cached = datastore.get_image_info(image_id).get(INFO_KEY) or {}
-        if cached.get("key") == key:
+        if cached.get("key") == key(self.service.served()):
             return cached.get("value")
+        served = self.service.served()
         try:
-            result = self.service.segment(datastore.get_image_uri(image_id), probabilities=True)
+            result, served, _ = self.service.segment_versioned(datastore.get_image_uri(image_id), probabilities=True)
             value, error = round(mean_entropy(self.service.segmenter(), result), 6), None
         except InputError as e:  # an unreadable image is skipped, and says why in its info
             value, error = None, str(e)
             logger.warning(f"uncertainty: skipping {image_id}: {e}")
-        datastore.update_image_info(image_id, {INFO_KEY: {"key": key, "value": value, "error": error}})
+        datastore.update_image_info(image_id, {INFO_KEY: {"key": key(served), "value": value, "error": error}})
         return value
 
     def __call__(self, request, datastore: Datastore):

@@ -11,10 +11,12 @@ import numpy as np
 import SimpleITK as sitk
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from lib.datastore import too_large
 from lib.errors import bad_request, unprocessable
 from lib.service import ModelService, mean_entropy
 from mrannotator.errors import InputError
 from mrannotator.imageio import to_sitk
+from mrannotator.limits import TooLargeError
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +72,10 @@ class SegmentInfer(InferTask):
 
         t0 = time.perf_counter()
         try:
-            result = self.service.segment(request["image"], self.dataset, probabilities=uncertainty)
+            result, served, model_version = self.service.segment_versioned(request["image"], self.dataset,
+                                                                           probabilities=uncertainty)
+        except TooLargeError as e:
+            raise too_large(f"image {request.get('image_id', '')!r} cannot be segmented: {e}") from e
         except InputError as e:
             raise unprocessable(f"image {request.get('image_id', '')!r} cannot be segmented: {e}") from e
         t1 = time.perf_counter()
@@ -84,8 +89,8 @@ class SegmentInfer(InferTask):
             "label_names": {s.name: s.id for s in self.structures},
             "structures": [s.as_dict() for s in result.structures],
             "models_run": result.models_run,
-            "checkpoints": {m.folder.dataset: m.describe() for m in self.service.served()
-                            if m.folder.dataset in result.models_run},
+            "model_version": model_version,  # the published version that made this result
+            "checkpoints": {m.folder.dataset: m.describe() for m in served if m.folder.dataset in result.models_run},
             "weights": result.weights,
             "result_extension": ext,
             "result_dtype": dtype_name,
