@@ -1,4 +1,4 @@
-"""``mrannotator`` command line: segment, demo, weights, evaluate.
+"""``mrannotator`` command line: segment, demo, weights, evaluate, batch.
 
 Exit codes: 0 success, 2 bad input, 3 weights problem, 1 anything else (with its message).
 """
@@ -12,6 +12,7 @@ import time
 import warnings
 from pathlib import Path
 
+from .batch.cli import add_cli as add_batch_cli
 from .errors import MRAnnotatorError
 from .evaluation import add_cli as add_evaluate_cli
 
@@ -60,6 +61,11 @@ def cmd_segment(args) -> int:
              f"{', '.join(m.dataset for m in seg.models)}")
     result = seg.segment(image, structures=args.structures, progress=progress)
     seg_path, json_path = write_outputs(result, Path(args.output), _case_name(src), str(src))
+    if args.preview:
+        from .preview import write_preview
+
+        write_preview(image, result.labels, Path(args.output) / f"{_case_name(src)}_preview.png", result.structures,
+                      title=_case_name(src))
     progress(f"{len(result.structures)} structures found in {result.seconds:.1f} s -> {seg_path}, {json_path}")
     if not args.quiet:
         for row in result.summary()["structures"]:
@@ -112,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-absent-regions", action="store_true",
                    help="skip a region model whose coarse pass (a covering subset of its tiles) finds none of its "
                         "structures")
+    s.add_argument("--preview", action="store_true", help="also write CASE_preview.png (three slices + labels)")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_segment)
 
@@ -133,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_weights)
 
     add_evaluate_cli(sub)
+    add_batch_cli(sub)
     return ap
 
 
