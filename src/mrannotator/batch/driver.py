@@ -59,11 +59,12 @@ def run_batch(source: str | Path, out_dir: str | Path, *, address: str | None = 
     plan = plan_inputs(source, regions)
     resolved = load_weights(weights)  # a weights problem stops here, before any worker starts
     mode = "fast" if fast else "exact"
+    version = weights_version(resolved)
     run = {"run": f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}",
-           "weights": weights_version(resolved), "mode": mode}
+           "weights": f"{resolved.source}:{version}", "weights_version": version, "mode": mode}
 
-    def key_of(case: Case) -> dict:
-        return {"weights": run["weights"], "mode": mode, "regions": case.route.label}
+    def key_of(case: Case) -> dict:  # what makes a finished case still valid (besides its input's checksum)
+        return {"weights_version": version, "mode": mode, "regions": case.route.label}
 
     ledger = Ledger(out)
     done_before = finished_cases(plan.cases, ledger.read(), key_of)

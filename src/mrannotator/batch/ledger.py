@@ -40,12 +40,12 @@ def input_checksum(files: Iterable[str | Path]) -> str:
 
 
 def weights_version(weights: Weights) -> str:
-    """``SOURCE:HASH``: HASH covers every model's checkpoint, dataset.json and plans.json, so retrained or other
-    weights give another version even under the same folder name."""
+    """A hash of every model's checkpoint, dataset.json and plans.json: retrained or other weights get another
+    version even under the same folder name, the same weights the same version wherever they are installed."""
     files = []
     for m in sorted(weights.models, key=lambda m: m.dataset):
         files += [m.checkpoint, m.path / "dataset.json", m.path / "plans.json"]
-    return f"{weights.source}:{input_checksum(f for f in files if Path(f).is_file())[:16]}"
+    return input_checksum(f for f in files if Path(f).is_file())[:16]
 
 
 class Ledger:
