@@ -113,7 +113,13 @@ def _process(todo: list[Case], total: int, already: int, ledger: Ledger, run: di
 
 
 class _Dispatcher:
-    """Keeps every ready worker fed with ``CASES_IN_FLIGHT_PER_WORKER`` cases until all cases have a record."""
+    """Keeps every live worker fed with ``CASES_IN_FLIGHT_PER_WORKER`` cases until all cases have a record.
+
+    A worker whose process died is left alone while Ray restarts it (calls to a restarting actor fail at once)
+    and probed with ``ready()`` every ``PROBE_INTERVAL_S`` until its models are loaded again.
+    """
+
+    PROBE_INTERVAL_S = 1.0
 
     def __init__(self, actors: list, cases: list[Case], retry: int, ledger: Ledger, run: dict, progress,
                  on_record):
@@ -122,8 +128,11 @@ class _Dispatcher:
         self.actors = actors
         self.pending = deque((c, 1) for c in cases)
         self.inflight: dict = {}  # object ref -> (case, attempt, worker index)
-        self.loading = {a.ready.remote(): i for i, a in enumerate(actors)}
-        self.load_errors: list[str] = []
+        self.probing = {a.ready.remote(): i for i, a in enumerate(actors)}  # ready() ref -> worker index
+        self.probe_later: dict[int, float] = {}  # worker index -> when to probe it again
+        self.down: set[int] = set(range(len(actors)))  # workers not (yet, or no longer) taking cases
+        self.dead: dict[int, str] = {}  # workers Ray could not (re)start, with the reason
+        self.ever_ready = False
         self.retry, self.ledger, self.run_key, self.progress, self.on_record = retry, ledger, run, progress, on_record
         self.stats: Counter = Counter()
         self._ray = ray
@@ -131,32 +140,51 @@ class _Dispatcher:
     def run(self) -> None:
         started = time.monotonic()
         while self.pending or self.inflight:
-            refs = [*self.inflight, *self.loading]
-            if not refs:
-                raise MRAnnotatorError("no batch worker could start:\n  " + "\n  ".join(self.load_errors))
-            ready, _ = self._ray.wait(refs, num_returns=1, timeout=0.5)
+            self._probe_due()
+            if len(self.dead) == len(self.actors):
+                raise MRAnnotatorError("no batch worker could start:\n  " + "\n  ".join(
+                    f"worker {i}: {why}" for i, why in sorted(self.dead.items())))
+            refs = [*self.inflight, *self.probing]
+            if refs:
+                ready, _ = self._ray.wait(refs, num_returns=1, timeout=0.5)
+            else:  # every worker is restarting: wait for the next probe
+                ready = []
+                time.sleep(0.2)
             self.progress.refresh()
             if not ready:
-                if len(self.loading) == len(self.actors) and time.monotonic() - started > WORKER_START_TIMEOUT_S:
+                if not self.ever_ready and time.monotonic() - started > WORKER_START_TIMEOUT_S:
                     raise MRAnnotatorError(f"no batch worker started within {WORKER_START_TIMEOUT_S:.0f} s: does "
                                            "the cluster have the CPUs / GPUs asked for each worker?")
                 continue
-            ref = ready[0]
-            if ref in self.loading:
-                self._worker_started(ref)
+            if ready[0] in self.probing:
+                self._probed(ready[0])
             else:
-                self._case_returned(ref)
+                self._case_returned(ready[0])
 
-    def _worker_started(self, ref) -> None:
-        i = self.loading.pop(ref)
+    def _probe_due(self) -> None:
+        now = time.monotonic()
+        for i, when in list(self.probe_later.items()):
+            if when <= now:
+                del self.probe_later[i]
+                self.probing[self.actors[i].ready.remote()] = i
+
+    def _probed(self, ref) -> None:
+        i = self.probing.pop(ref)
         try:
             self._ray.get(ref)
-        except self._ray.exceptions.RayError as e:  # e.g. the models could not load on that node
-            self.load_errors.append(f"worker {i}: {_short(e)}")
+        except self._ray.exceptions.ActorUnavailableError:  # still restarting
+            self.probe_later[i] = time.monotonic() + self.PROBE_INTERVAL_S
             return
+        except self._ray.exceptions.RayError as e:  # e.g. the models could not load on that node
+            self.dead[i] = _short(e)
+            return
+        self.ever_ready = True
+        self.down.discard(i)
         self._feed(i)
 
     def _feed(self, i: int) -> None:
+        if i in self.down:
+            return
         busy = sum(1 for _, _, w in self.inflight.values() if w == i)
         while self.pending and busy < CASES_IN_FLIGHT_PER_WORKER:
             case, attempt = self.pending.popleft()
@@ -168,10 +196,14 @@ class _Dispatcher:
         try:
             record = self._ray.get(ref)
         except self._ray.exceptions.RayError as e:  # the worker process died (killed, out of memory, ...)
+            if i not in self.down:  # Ray restarts it; probe until its models are loaded again
+                self.down.add(i)
+                self.probe_later[i] = time.monotonic() + self.PROBE_INTERVAL_S
             if attempt <= self.retry:
                 self.stats["retried"] += 1
                 self.pending.appendleft((case, attempt + 1))
-                self._feed(i)  # Ray restarts the worker; calls wait for it
+                for j in range(len(self.actors)):  # another live worker may take it now
+                    self._feed(j)
                 return
             record = self._worker_failure(case, attempt, e)
         self.stats["processed"] += 1

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..engine import expand_regions
 from ..errors import InputError
 from .routing import Route, load_region_keywords
 
@@ -89,6 +90,8 @@ def plan_inputs(source: str | Path, regions: Sequence[str] | str | None = None) 
     if not source.exists():
         raise InputError(f"input not found: {source}")
     fixed = None if regions in (None, "auto") or list(regions) == ["auto"] else tuple(regions)
+    if fixed is not None:
+        expand_regions(fixed)  # an unknown region is refused here, before any worker starts
     if source.is_file() and source.suffix.lower() == ".csv":
         plan = _manifest_cases(source, fixed)
     elif source.is_file():

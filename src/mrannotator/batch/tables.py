@@ -102,7 +102,7 @@ def _volume_boxes(ax, cohort, ids, colours) -> None:
         return
     data = [cohort.loc[cohort["id"] == i, "volume_ml"].to_numpy() for i in ids]
     names = [cohort.loc[cohort["id"] == i, "structure"].iloc[0] for i in ids]
-    box = ax.boxplot(data, vert=False, patch_artist=True, widths=0.6)
+    box = ax.boxplot(data, orientation="horizontal", patch_artist=True, widths=0.6)
     for row, (patch, i, d) in enumerate(zip(box["boxes"], ids, data, strict=True), start=1):
         patch.set_facecolor(colours[i])
         ax.scatter(d, np.full(len(d), row) + np.linspace(-0.2, 0.2, len(d)), s=6, color="black", zorder=3)
