@@ -93,7 +93,7 @@ class SegmentWorker:
             record.update(status="failed", failure="error", error=f"{type(e).__name__}: {e}",
                           traceback=traceback.format_exc(limit=8))
         record["seconds"] = round(time.perf_counter() - t0 - waited, 3)
-        record["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+        record["finished"] = datetime.now(UTC).isoformat(timespec="milliseconds")
         self.ledger.write(record)
         return record
 
