@@ -9,6 +9,7 @@ batch lists it in ``failures.csv`` and goes on.
 from __future__ import annotations
 
 import csv
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ class Case:
     files: tuple[str, ...]  # every file read (the checksum covers them, in this order)
     route: Route
     header: dict[str, str] = field(default_factory=dict)  # COHORT_FIELDS (DICOM only)
-    series: object = None  # mrannotator.dicom Series (DICOM only)
+    series_uid: str = ""  # DICOM only: the series in ``path`` (found again there by the worker)
 
 
 @dataclass(frozen=True)
@@ -134,15 +135,31 @@ def _dicom_cases(folder: Path, root: Path, fixed, ignore: set[Path], name: str |
                  ) -> tuple[list[Case], list[Skip]]:
     """Every DICOM series below ``folder``, read only through the project's DICOM module (``find_series``).
 
-    An accepted MR series is a case named after its folder (plus its series number when a folder holds
-    several); a rejected series (CT, localizer, broken stack, ...) and every unusable file is a Skip.
+    A folder of study folders is scanned one top-level folder at a time, so the driver holds one study's
+    headers at once (a series is expected within one top-level folder). An accepted MR series is a case named
+    after its folder (plus its series number when a folder holds several); a rejected series (CT, localizer,
+    broken stack, ...) and every unusable file is a Skip.
     """
+    units = [folder]
+    if folder.is_dir() and all(p.is_dir() or p in ignore for p in folder.iterdir()):
+        units = sorted(p for p in folder.iterdir() if p.is_dir())
+    cases: list[Case] = []
+    skipped: list[Skip] = []
+    for unit in units:
+        more_cases, more_skipped = _scan_unit(unit, root, fixed, ignore, name)
+        cases += more_cases
+        skipped += more_skipped
+    return cases, skipped
+
+
+def _scan_unit(unit: Path, root: Path, fixed, ignore: set[Path], name: str | None) -> tuple[list[Case], list[Skip]]:
     from ..dicom import find_series
 
-    scan = find_series(folder)
+    scan = find_series(unit)
     by_folder: dict[Path, list] = {}
     for s in scan.series:
-        by_folder.setdefault(Path(s.files[0]).parent, []).append(s)
+        common = Path(os.path.commonpath([str(f) for f in s.files]))  # the series' folder
+        by_folder.setdefault(common.parent if common.is_file() else common, []).append(s)
     cases = []
     for parent, series in sorted(by_folder.items()):
         base = name or _relative_name(parent, root, False)
@@ -150,11 +167,12 @@ def _dicom_cases(folder: Path, root: Path, fixed, ignore: set[Path], name: str |
             case = base if len(series) == 1 else f"{base}_S{getattr(s.header, 'SeriesNumber', '') or s.uid[-8:]}"
             header = {k: _header_text(s.header, k) for k in (*COHORT_FIELDS, *_ROUTING_ONLY)}
             route = _fixed_route(fixed, "") if fixed else load_region_keywords().route(header)
+            # the worker finds the series again (by UID, in this folder): headers are not kept or shipped
             cases.append(Case(name=case, path=str(parent), kind="dicom", files=tuple(str(f) for f in s.files),
-                              route=route, header={k: header[k] for k in COHORT_FIELDS}, series=s))
+                              route=route, header={k: header[k] for k in COHORT_FIELDS}, series_uid=s.uid))
     skipped = [Skip(_relative_name(Path(p), root, True), str(p), why)
                for p, why in scan.skipped if Path(p) not in ignore]
-    skipped += [Skip(f"{_relative_name(folder, root, False)} series {r.series_uid}", str(folder),
+    skipped += [Skip(f"{_relative_name(unit, root, False)} series {r.series_uid}", str(unit),
                      f"{r.description}: {r.reason}") for r in scan.rejected]
     return cases, skipped
 

@@ -26,9 +26,12 @@ def read_case(case: Case):
     from ..imageio import load_image
 
     if case.kind == "dicom":
-        from ..dicom import load_series
+        from ..dicom import find_series, load_series
 
-        return load_image(load_series(case.series))  # load_image: the same 3D / finite / affine checks
+        series = find_series(case.path).choose(case.series_uid)
+        if [str(f) for f in series.files] != list(case.files):
+            raise InputError(f"DICOM series {case.series_uid} in {case.path} changed since the batch was planned")
+        return load_image(load_series(series))  # load_image: the same 3D / finite / affine checks
     return load_image(case.path)
 
 
