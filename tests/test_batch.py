@@ -352,7 +352,7 @@ def test_resume_after_sigkill_and_ctrl_c_processes_each_case_once(manifest, two_
 
 
 # ------------------------------------------------------------------ changed inputs and weights, bad input
-def test_changed_input_or_other_weights_reprocess_only_what_changed(tmp_path, demo_weights):
+def test_changed_input_or_other_weights_reprocess_only_what_changed(tmp_path, demo_weights, capsys):
     import shutil
 
     src = tmp_path / "in"
@@ -366,10 +366,13 @@ def test_changed_input_or_other_weights_reprocess_only_what_changed(tmp_path, de
         plans.write_text(plans.read_text() + "\n")
     ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
     try:  # one local Ray for the four batches (each still starts its own worker)
-        def batch(weights=demo_weights):
-            return run_batch(src, out, regions=["prostate", "knee"], weights=weights, quiet=True, workers=1)
+        def batch(weights=demo_weights, quiet=True):
+            return run_batch(src, out, regions=["prostate", "knee"], weights=weights, quiet=quiet, workers=1)
 
-        first, again = batch(), batch()
+        first = batch(quiet=False)
+        progress = capsys.readouterr().err  # the progress line: done / total, cases per minute, ETA, failures
+        assert "2/2 cases" in progress and "cases/min" in progress and "ETA" in progress and "0 failed" in progress
+        again = batch()
         assert (first.processed, again.processed, again.already_done) == (2, 0, 2)
         nib.save(make_phantom("knee", seed=7).image, src / "knee.nii.gz")  # a changed input file
         changed = batch()
