@@ -1,4 +1,4 @@
-"""``mrannotator`` command line: segment, demo, weights, evaluate.
+"""``mrannotator`` command line: segment, demo, weights, evaluate, batch.
 
 Exit codes: 0 success, 2 bad input or unusable output folder, 3 weights problem, 1 anything else (with its message).
 """
@@ -13,6 +13,7 @@ import time
 import warnings
 from pathlib import Path
 
+from .batch.cli import add_cli as add_batch_cli
 from .catalogue import region_names
 from .errors import MRAnnotatorError, OutputError
 
@@ -85,6 +86,11 @@ def cmd_segment(args) -> int:
              f"{', '.join(m.dataset for m in seg.models)}")
     result = seg.segment(image, structures=args.structures, progress=progress)
     seg_path, json_path = write_outputs(result, Path(args.output), case_name(src), str(src))
+    if args.preview:
+        from .preview import write_preview
+
+        write_preview(image, result.labels, Path(args.output) / f"{case_name(src)}_preview.png", result.structures,
+                      title=case_name(src))
     progress(f"{len(result.structures)} structures found in {result.seconds:.1f} s -> {seg_path}, {json_path}")
     if not args.quiet:
         for row in result.summary()["structures"]:
@@ -160,6 +166,7 @@ def _add_segment(sub) -> None:
     s.add_argument("--skip-absent-regions", action="store_true",
                    help="skip a region model whose coarse pass (a covering subset of its tiles) finds none of its "
                         "structures")
+    s.add_argument("--preview", action="store_true", help="also write CASE_preview.png (three slices + labels)")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_segment)
 
@@ -209,7 +216,7 @@ def _add_evaluate(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mrannotator", description="MRI multi-structure segmentation (nnU-Net v2)")
     sub = ap.add_subparsers(dest="command", required=True)
-    for add in (_add_segment, _add_demo, _add_weights, _add_evaluate):
+    for add in (_add_segment, _add_demo, _add_weights, _add_evaluate, add_batch_cli):
         add(sub)
     return ap
 

@@ -1,0 +1,211 @@
+"""Cohort throughput: `mrannotator segment` per case vs one in-process Segmenter loop vs `mrannotator batch` on Ray.
+
+    python bench/batch.py [--cases 40] [--cli-cases 40] [--generators ...] [--weights models/demo]
+                          [--out bench/results/batch.json]
+
+On the same N phantoms (NIfTI, every region in turn, all four region models run on each):
+  (a) N `mrannotator segment` processes, one after the other (models load N times);
+  (b) one process: Segmenter loaded once, then read -> segment -> write each case (torch's default threads);
+  (c) `mrannotator batch` with 1 worker and with 2 workers, 1 thread each (local Ray started by the command).
+Then routing: N DICOM studies of the same phantoms whose BodyPartExamined names the region, (d) `batch` with
+1 worker (`--regions auto` routes each to one model) vs (e) one process that loads each region's model and runs
+only it on each case.
+
+Every configuration runs in fresh processes; wall time is from start to exit (model loading and Ray start-up
+included); peak RSS is the largest sum of RSS over the process tree (driver, Ray's services and workers),
+sampled every 0.1 s. Ray's overhead per case: (batch wall with 1 worker - the worker's own per-case seconds,
+summed from the ledger) / N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the DICOM fixture writer
+GENERATORS = ("abdomen", "pelvis", "prostate", "shoulder", "knee", "spine")
+BODY_PART = {"abdomen": "ABDOMEN", "pelvis": "PELVIS", "prostate": "PROSTATE", "shoulder": "SHOULDER",
+             "knee": "KNEE", "spine": "SPINE"}
+# the region to load for each BodyPartExamined: one Segmenter per model (pelvis and prostate share a model, as do
+# shoulder and knee; the spine model covers every spine region)
+LOAD_AT_START = [round(x, 1) for x in os.getloadavg()]
+REGION_OF = {"spine": "lumbar_spine", "prostate": "pelvis", "knee": "shoulder"}
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> dict:
+    """Run ``cmd``; wall seconds and the peak over time of the summed RSS of its process tree (MiB)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak = 0.0
+    stop = threading.Event()
+
+    def sample():
+        nonlocal peak
+        root = psutil.Process(proc.pid)
+        while not stop.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20)
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, err = proc.communicate()
+    stop.set()
+    sampler.join()
+    wall = time.perf_counter() - t0
+    if proc.returncode not in (0,):
+        raise RuntimeError(f"{' '.join(cmd[:4])} exited {proc.returncode}: {err.decode()[-2000:]}")
+    result = {"wall_s": round(wall, 2), "peak_rss_mib": round(peak)}
+    last = stdout.decode().strip().splitlines()[-1:] or [""]
+    if last[0].startswith("{"):  # the loop scripts report their own steady-state time
+        result.update(json.loads(last[0]))
+    return result
+
+
+def make_inputs(folder: Path, n: int, generators: tuple[str, ...]) -> tuple[Path, Path]:
+    import nibabel as nib
+    from dicom_fixtures import write_series
+
+    from mrannotator.phantoms import make_phantom
+
+    nifti, dicom = folder / "nifti", folder / "dicom"
+    nifti.mkdir(parents=True)
+    for i in range(n):
+        region = generators[i % len(generators)]
+        image = make_phantom(region, seed=500 + i).image
+        nib.save(image, nifti / f"{region}{i:02d}.nii.gz")
+        write_series(image, dicom / f"study{i:02d}", body_part=BODY_PART[region])
+    return nifti, dicom
+
+
+def loop_script(weights: Path, src: Path, out: Path, routed: bool) -> str:
+    """The in-process loop, as a user would write it; prints the loop's own seconds (models already loaded).
+
+    routed: one Segmenter per region model, each case run by the model its BodyPartExamined names.
+    """
+    return f"""
+import json, time; from pathlib import Path
+from mrannotator import Segmenter
+from mrannotator.cli import write_outputs
+from mrannotator.dicom import find_series, load_series
+from mrannotator.imageio import load_image
+src, out, routed, weights = Path({str(src)!r}), Path({str(out)!r}), {routed}, {str(weights)!r}
+region_of = {REGION_OF!r}
+if not routed:
+    seg = Segmenter(weights=weights, device="cpu")
+    t0 = time.perf_counter()
+    for p in sorted(src.glob("*.nii.gz")):
+        write_outputs(seg.segment(load_image(p)), out, p.name[:-7], str(p))
+else:
+    regions = {{r: region_of.get(r, r) for r in {list(BODY_PART)!r}}}
+    segs = {{m: Segmenter(weights=weights, device="cpu", regions=[m]) for m in set(regions.values())}}
+    t0 = time.perf_counter()
+    for d in sorted(src.iterdir()):
+        s = find_series(d).series[0]
+        model = regions[str(s.header.BodyPartExamined).lower()]
+        write_outputs(segs[model].segment(load_series(s)), out, d.name, str(d))
+print(json.dumps({{"loop_s": round(time.perf_counter() - t0, 2)}}))
+"""
+
+
+def batch_stats(out: Path) -> dict:
+    """From the ledger: cases, failures, the workers' own per-case seconds summed, and the steady-state span
+    (first case finished to last case finished: start-up excluded)."""
+    records = [json.loads(p.read_text()) for p in (out / "ledger").glob("*.json") if not p.name.startswith(".")]
+    finished = sorted(datetime.fromisoformat(r["finished"]).timestamp() for r in records)
+    return {"cases": len(records), "failed": sum(r["status"] != "done" for r in records),
+            "worker_case_s": round(sum(r["seconds"] for r in records), 2),
+            "steady_s_per_case": round((finished[-1] - finished[0]) / max(len(finished) - 1, 1), 3),
+            "models_run_per_case": sorted({len(r.get("models_run", [])) for r in records})}
+
+
+def bench(n: int, cli_cases: int, generators: tuple[str, ...], weights: Path, tmp: Path) -> dict:
+    nifti, dicom = make_inputs(tmp / "in", n, generators)
+    py = sys.executable
+    res = {}
+    cli = []
+    for p in sorted(nifti.glob("*.nii.gz"))[:cli_cases]:  # (a); fewer calls than cases: scaled to n below
+        cli.append(run_measured([py, "-m", "mrannotator.cli", "segment", "-i", str(p), "-o", str(tmp / "a"),
+                                 "--device", "cpu", "--weights", str(weights), "--quiet"]))
+    res["a_cli_per_case"] = {"wall_s": round(sum(c["wall_s"] for c in cli) * n / len(cli), 2),
+                             "peak_rss_mib": max(c["peak_rss_mib"] for c in cli), "calls_measured": len(cli),
+                             "wall_s_per_call": [c["wall_s"] for c in cli]}
+    res["b_in_process_loop"] = run_measured([py, "-c", loop_script(weights, nifti, tmp / "b", False)])
+    for workers in (1, 2):  # (c)
+        out = tmp / f"c{workers}"
+        res[f"c_batch_{workers}_worker"] = {**run_measured(
+            [py, "-m", "mrannotator.cli", "batch", "-i", str(nifti), "-o", str(out), "--workers", str(workers),
+             "--threads-per-worker", "1", "--weights", str(weights), "--quiet"]), **batch_stats(out)}
+    out = tmp / "d"
+    res["d_batch_routed_1_worker"] = {**run_measured(
+        [py, "-m", "mrannotator.cli", "batch", "-i", str(dicom), "-o", str(out), "--workers", "1",
+         "--threads-per-worker", "1", "--weights", str(weights), "--quiet"]), **batch_stats(out)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the routed loop with the worker's one thread
+    res["e_routed_model_alone_loop"] = run_measured([py, "-c", loop_script(weights, dicom, tmp / "e", True)], env)
+    return res
+
+
+def summarise(res: dict, n: int) -> dict:
+    per_min = {k: round(60.0 * n / v["wall_s"], 2) for k, v in res.items()}
+    best = max(per_min["c_batch_1_worker"], per_min["c_batch_2_worker"])
+    one = res["c_batch_1_worker"]
+    routed, alone = res["d_batch_routed_1_worker"], res["e_routed_model_alone_loop"]
+    return {
+        "cases_per_min": per_min,
+        "best_batch_vs_loop": round(best / per_min["b_in_process_loop"], 2),
+        "best_batch_vs_cli": round(best / per_min["a_cli_per_case"], 2),
+        "ray_overhead_per_case_s": round((one["wall_s"] - one["worker_case_s"]) / n, 2),
+        "steady_state_s_per_case": {"b_loop": round(res["b_in_process_loop"]["loop_s"] / n, 3),
+                                    "c_batch_1_worker": one["steady_s_per_case"],
+                                    "c_batch_2_worker": res["c_batch_2_worker"]["steady_s_per_case"],
+                                    "d_batch_routed": routed["steady_s_per_case"],
+                                    "e_model_alone": round(alone["loop_s"] / n, 3)},
+        "routed_batch_vs_model_alone": {"wall": round(routed["wall_s"] / alone["wall_s"], 2),
+                                        "steady_state": round(routed["steady_s_per_case"] / (alone["loop_s"] / n), 2)},
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", type=int, default=40)
+    ap.add_argument("--cli-cases", type=int, default=None,
+                    help="run (a) on the first K cases only and scale its time to --cases (default: all)")
+    ap.add_argument("--generators", nargs="+", default=list(GENERATORS), choices=GENERATORS,
+                    help="phantom regions, in turn (default: all six)")
+    ap.add_argument("--weights", type=Path, default=ROOT / "models" / "demo")
+    ap.add_argument("--out", type=Path, default=None, help="JSON file for the figures")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="mra-bench-batch-") as tmp:
+        res = bench(args.cases, args.cli_cases or args.cases, tuple(args.generators), args.weights.resolve(),
+                    Path(tmp))
+    report = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "cases": args.cases,
+              "generators": args.generators, "command": " ".join(["python", "bench/batch.py", *sys.argv[1:]]),
+              "machine": f"{platform.node()} {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+              "load_average_at_start": LOAD_AT_START, "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
+              "results": res,
+              "summary": summarise(res, args.cases)}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

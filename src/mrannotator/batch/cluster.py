@@ -1,0 +1,95 @@
+"""Ray for a batch: an embedded local cluster, or an existing one, and the pool of segmentation workers.
+
+- No address (and no ``RAY_ADDRESS``): a local Ray is started in this process, on loopback only, without the
+  dashboard, with a small object store (only case descriptions and ledger records travel through it: the
+  workers read inputs and write outputs themselves), and shut down at the end.
+- ``--address auto`` / ``ray://HOST:PORT`` / ``RAY_ADDRESS``: the batch joins that cluster (``ray start --head``
+  on one node and ``ray start --address`` on the others, or KubeRay) and leaves it running. Every node needs
+  this package installed, and INPUT and OUT must be paths that every node sees (a shared filesystem).
+- A Ray already initialised by the caller (a notebook, a test's ``ray.cluster_utils.Cluster``) is used as is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from ..errors import MRAnnotatorError
+from .worker import SegmentWorker
+
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
+CASES_IN_FLIGHT_PER_WORKER = 2  # one in inference, one being read or written
+
+
+@dataclass
+class RaySession:
+    """How this batch holds Ray: whether it must shut Ray down, and the workers it must end."""
+
+    started_here: bool
+    connected_here: bool
+    actors: list = field(default_factory=list)
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:  # on a shared cluster our actors must not outlive the batch
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: S110 - already dead is fine
+                pass
+        self.actors.clear()
+        if self.started_here or self.connected_here:
+            ray.shutdown()
+
+
+def connect(address: str | None = None) -> RaySession:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local one on loopback."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        # Ray publishes its local services on the machine's outward address unless it thinks it runs a
+        # single-machine (laptop) cluster; read when ray is first imported, inherited by its processes
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return RaySession(started_here=False, connected_here=False)
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    try:
+        if address:
+            ray.init(address=address, **quiet)
+            return RaySession(started_here=False, connected_here=True)
+        ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, num_cpus=os.cpu_count(),
+                 **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise MRAnnotatorError(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'}: {e}"
+                               ) from e
+    return RaySession(started_here=True, connected_here=False)
+
+
+def default_workers(threads_per_worker: int, gpus_per_worker: float) -> int:
+    """As many workers as the cluster's GPUs (GPU workers) or CPUs (CPU workers) allow, at least one."""
+    import ray
+
+    res = ray.cluster_resources()
+    if gpus_per_worker > 0:
+        return max(1, int(res.get("GPU", 0) // gpus_per_worker))
+    return max(1, int(res.get("CPU", 1) // max(1, threads_per_worker)))
+
+
+def start_workers(session: RaySession, n: int, worker_args: dict, threads_per_worker: int,
+                  gpus_per_worker: float, resources: dict | None = None) -> list:
+    """``n`` SegmentWorker actors, spread over the nodes; Ray restarts one whose process dies."""
+    import ray
+
+    remote = ray.remote(SegmentWorker).options(
+        num_cpus=threads_per_worker,
+        num_gpus=gpus_per_worker,
+        resources=resources or {},
+        max_restarts=-1,  # a dead worker process is replaced (models load again) ...
+        max_task_retries=0,  # ... but the driver retries its cases itself, counting attempts (--retry)
+        max_concurrency=CASES_IN_FLIGHT_PER_WORKER,
+        scheduling_strategy="SPREAD",
+    )
+    session.actors = [remote.remote(**worker_args) for _ in range(n)]
+    return session.actors

@@ -1,0 +1,447 @@
+"""mrannotator batch: a cohort of NIfTI files and DICOM studies segmented on a real local Ray.
+
+One batch run over 30 MR phantoms (6 NIfTI, 24 DICOM studies of every region, headers naming the region),
+a CT series and a corrupt file serves most checks (module-scoped); a worker process is killed during it.
+A CSV manifest of 10 DICOM studies is then run on a two-node Ray cluster, and again as a subprocess
+driver that is SIGKILLed at about half, interrupted with SIGINT, and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+# a local Ray publishes its services on loopback only when this is set before ray is imported
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'ray[data]==2.60.0'); batch needs it")
+
+import psutil  # noqa: E402
+import pydicom  # noqa: E402
+from dicom_fixtures import write_series  # noqa: E402
+
+from mrannotator.batch import load_region_keywords, plan_inputs, run_batch  # noqa: E402
+from mrannotator.batch.tables import COHORT_COLUMNS  # noqa: E402
+from mrannotator.cli import main  # noqa: E402
+from mrannotator.dicom import find_series, load_series  # noqa: E402
+from mrannotator.phantoms import make_phantom  # noqa: E402
+
+ORIENTATIONS = ("axial", "sagittal", "coronal", "oblique", "axial_reversed", "LPS")
+GENERATORS = ("prostate", "knee", "abdomen", "pelvis", "shoulder", "spine")
+NIFTI_REGIONS = ("prostate", "knee", "prostate", "knee", "prostate", "knee")  # small ones: all 4 models run
+# the one model a DICOM study of each phantom should run, and the regions its header names
+MODEL_OF = {"prostate": "Dataset003_PelvisProstate", "pelvis": "Dataset003_PelvisProstate",
+            "knee": "Dataset002_ShoulderKnee", "shoulder": "Dataset002_ShoulderKnee",
+            "abdomen": "Dataset001_Abdomen", "spine": "Dataset004_Spine"}
+REGIONS_OF = {"spine": "cervical_spine,lumbar_spine,thoracic_spine"}
+HEADER_WORDS = {"prostate": "PROSTATE", "knee": "KNEE", "abdomen": "ABDOMEN", "pelvis": "PELVIS",
+                "shoulder": "SHOULDER", "spine": "SPINE"}
+IGNORED_COLUMNS = ["seconds", "node"]  # measurements, not results
+
+
+def _dicom_study(folder: Path, image, region: str, i: int) -> None:
+    """A DICOM MR study whose header names the region in one of the four routing fields."""
+    word = HEADER_WORDS[region]
+    where = i % 4
+    texts = {"body_part": word if where == 0 else "", "study_description": f"MR {word.lower()}" if where == 2 else
+             "MR study", "series_description": f"T2 {word} sag" if where == 1 else "T2 3D"}
+    files = write_series(image, folder, **texts)
+    for f in files:  # header fields the fixture writer has no argument for
+        ds = pydicom.dcmread(f)
+        ds.PatientAge = f"{30 + 2 * i:03d}Y"
+        ds.ProtocolName = f"{word.lower()}_t2_3d" if where == 3 else "t2_3d"
+        ds.save_as(f)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("cohort")
+    (root / "nifti").mkdir()
+    expect = {}  # case name -> (kind, generator, source image)
+    for i, region in enumerate(NIFTI_REGIONS):
+        p = make_phantom(region, seed=100 + i, orientation=ORIENTATIONS[i % len(ORIENTATIONS)])
+        path = root / "nifti" / f"{region}{i:02d}.nii.gz"
+        nib.save(p.image, path)
+        expect[f"nifti_{region}{i:02d}"] = ("nifti", region, path)
+    (root / "nifti" / "corrupt.nii.gz").write_bytes((root / "nifti" / "prostate00.nii.gz").read_bytes()[:700])
+    for i in range(24):
+        region = GENERATORS[i % len(GENERATORS)]
+        p = make_phantom(region, seed=200 + i, orientation=ORIENTATIONS[(i // 6 + i) % len(ORIENTATIONS)])
+        _dicom_study(root / "dicom" / f"study{i:02d}" / "t2", p.image, region, i)
+        expect[f"dicom_study{i:02d}_t2"] = ("dicom", region, root / "dicom" / f"study{i:02d}" / "t2")
+    ct = make_phantom("abdomen", seed=999)
+    write_series(ct.image, root / "dicom" / "ct_study" / "ct", modality="CT", body_part="ABDOMEN")
+    return {"root": root, "expect": expect}
+
+
+def _descendants() -> list[psutil.Process]:
+    return psutil.Process().children(recursive=True)
+
+
+@pytest.fixture(scope="module")
+def main_run(cohort, tmp_path_factory, demo_weights) -> dict:
+    """One batch over the whole cohort on an embedded local Ray (2 workers); after the first case returns,
+    that worker's process is SIGKILLed while it holds the next case, and the local Ray's sockets are listed."""
+    out = tmp_path_factory.mktemp("batch_out")
+    seen = {"records": [], "killed": None, "listening": None}
+
+    def on_record(record):
+        seen["records"].append(record)
+        if seen["killed"] is None and record.get("status") == "done":
+            pids = {p.pid for p in _descendants()}
+            seen["listening"] = {c.laddr.ip for c in psutil.net_connections("inet")
+                                 if c.status == psutil.CONN_LISTEN and c.pid in pids}
+            os.kill(record["pid"], signal.SIGKILL)
+            seen["killed"] = record["pid"]
+
+    summary = run_batch(cohort["root"], out, workers=2, preview=True, weights=demo_weights, quiet=True,
+                        on_record=on_record)
+    return {"out": out, "summary": summary, **seen}
+
+
+@pytest.fixture(scope="module")
+def ledger_records(main_run) -> dict:
+    return {p.stem: json.loads(p.read_text()) for p in _records(main_run["out"] / "ledger")}
+
+
+def _labels(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+def test_every_mr_case_matches_the_segmenter_voxel_for_voxel(cohort, main_run, ledger_records, segmenter):
+    out = main_run["out"]
+    for case, (kind, _, src) in cohort["expect"].items():
+        rec = ledger_records[case]
+        assert rec["status"] == "done", rec.get("error")
+        if kind == "nifti":
+            ref = segmenter.segment(src)
+        else:
+            (series,) = find_series(src).series
+            ref = segmenter.segment(load_series(series), regions=rec["regions"].split(","))
+        got = nib.load(out / f"{case}_seg.nii.gz")
+        assert np.array_equal(np.asarray(got.dataobj), np.asarray(ref.labels.dataobj)), case
+        assert np.allclose(got.affine, ref.labels.affine), case
+    assert main_run["summary"].processed == len(cohort["expect"]) + 1  # + the corrupt file
+
+
+def test_ct_series_and_corrupt_file_are_failures_and_nothing_else(main_run):
+    import pandas as pd
+
+    failures = pd.read_csv(main_run["out"] / "failures.csv").fillna("")
+    assert list(failures.columns) == ["case", "path", "error"]
+    by_error = " | ".join(failures["error"])
+    assert len(failures) == 2, by_error
+    corrupt = failures[failures["case"] == "nifti_corrupt"]
+    assert len(corrupt) == 1 and "corrupt or truncated" in corrupt["error"].iloc[0]
+    ct = failures[failures["error"].str.contains("modality CT")]
+    assert len(ct) == 1 and "MR only" in ct["error"].iloc[0]
+    assert main_run["summary"].failed == 2
+
+
+def test_cohort_table_rows_match_the_case_reports(cohort, main_run, ledger_records):
+    import pandas as pd
+
+    out = main_run["out"]
+    table = pd.read_parquet(out / "cohort.parquet")
+    assert list(table.columns) == list(COHORT_COLUMNS)
+    csv = pd.read_csv(out / "cohort.csv")
+    key = ["case", "structure", "id", "voxels", "volume_ml", "mean_intensity"]
+    pd.testing.assert_frame_equal(table[key], csv[key])
+    assert set(table["case"]) == set(cohort["expect"])
+    for case, (kind, _, src) in cohort["expect"].items():
+        report = json.loads((out / f"{case}_structures.json").read_text())
+        rows = table[table["case"] == case]
+        assert [(r["name"], r["id"], r["voxels"], r["volume_ml"]) for r in report["structures"]] == list(
+            zip(rows["structure"], rows["id"], rows["voxels"], rows["volume_ml"], strict=True)), case
+        assert set(rows["mode"]) == {report["mode"]} and set(rows["regions"]) == {ledger_records[case]["regions"]}
+        labels = _labels(out / f"{case}_seg.nii.gz")
+        image = np.asarray((load_series(find_series(src).series[0]) if kind == "dicom" else nib.load(src)).dataobj)
+        for _, r in rows.head(2).iterrows():  # mean intensity inside the structure, from the image itself
+            assert r["mean_intensity"] == pytest.approx(float(image[labels == r["id"]].mean()), abs=1e-3)
+        if kind == "dicom":
+            assert set(rows["Manufacturer"]) == {"MRAnnotator test fixtures"} and set(rows["PatientSex"]) == {"O"}
+            assert rows["MagneticFieldStrength"].eq(1.5).all() and rows["PatientAge"].str.endswith("Y").all()
+        else:
+            assert rows["PatientAge"].isna().all() or (rows["PatientAge"] == "").all()
+    assert "PatientName" not in table.columns and "PatientID" not in table.columns
+    assert (out / "cohort.png").stat().st_size > 10_000
+
+
+def test_dicom_headers_route_to_one_model_and_nifti_runs_all(cohort, ledger_records):
+    for case, (kind, region, _) in cohort["expect"].items():
+        rec = ledger_records[case]
+        if kind == "dicom":
+            assert rec["models_run"] == [MODEL_OF[region]], (case, rec["routed_by"])
+            assert rec["regions"] == REGIONS_OF.get(region, region)
+            assert HEADER_WORDS[region] in rec["routed_by"].upper()
+        else:
+            assert rec["regions"] == "all" and len(rec["models_run"]) == 4
+
+
+def test_killed_worker_is_replaced_and_its_case_retried(main_run, ledger_records, cohort):
+    assert main_run["killed"] is not None
+    retried = [r for r in ledger_records.values() if r.get("attempt", 1) > 1]
+    assert retried, "no case was retried after its worker was killed"
+    assert all(r["status"] == "done" for r in retried)
+    assert all(r["pid"] != main_run["killed"] for r in retried)  # a new worker process did them
+    assert main_run["summary"].retried >= 1
+    # their labels are checked against the Segmenter with every other case (first test)
+    assert {r["case"] for r in retried} <= set(cohort["expect"])
+
+
+def test_local_ray_listens_on_loopback_only_and_is_gone_after(main_run):
+    assert main_run["listening"], "no listening socket found for the local Ray"
+    assert main_run["listening"] <= {"127.0.0.1", "::ffff:127.0.0.1"}, main_run["listening"]
+    assert not ray.is_initialized()
+
+
+def test_preview_pictures_show_the_labels_in_catalogue_colours(main_run, cohort):
+    from PIL import Image
+
+    from mrannotator import load_catalogue
+
+    cat = load_catalogue()
+    for case in list(cohort["expect"])[::7]:
+        labels = _labels(main_run["out"] / f"{case}_seg.nii.gz")
+        largest = int(np.bincount(labels.ravel())[1:].argmax()) + 1
+        png = np.asarray(Image.open(main_run["out"] / f"{case}_preview.png").convert("RGB")).astype(int)
+        legend_colour = np.asarray(cat.by_id(largest).color)  # legend patches are drawn opaque
+        assert (np.abs(png - legend_colour).sum(-1) <= 3).sum() > 20, case
+
+
+# ------------------------------------------------------------------ manifest, two nodes, resume
+@pytest.fixture(scope="module")
+def manifest(cohort, tmp_path_factory) -> Path:
+    """10 DICOM studies (relative paths, case ids), a row for a missing study."""
+    folder = tmp_path_factory.mktemp("manifest")
+    rows = ["case_id,path"]
+    for i in range(10):
+        rows.append(f"m{i:02d},{os.path.relpath(cohort['root'] / 'dicom' / f'study{i:02d}', folder)}")
+    rows.append("gone,no/such/study")
+    (folder / "cohort.csv").write_text("\n".join(rows) + "\n")
+    return folder / "cohort.csv"
+
+
+@pytest.fixture(scope="module")
+def two_node_run(manifest, tmp_path_factory, demo_weights) -> dict:
+    from ray.cluster_utils import Cluster
+
+    out = tmp_path_factory.mktemp("two_nodes")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                            "object_store_memory": 100 * 1024**2})
+    try:
+        cluster.add_node(num_cpus=1, object_store_memory=100 * 1024**2)
+        ray.init(address=cluster.address, log_to_driver=False)
+        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        summary = run_batch(manifest, out, weights=demo_weights, quiet=True)  # workers: one per CPU
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return {"out": out, "summary": summary, "nodes": nodes}
+
+
+def test_two_node_cluster_spreads_cases_with_identical_results(two_node_run, main_run):
+    import pandas as pd
+
+    out = two_node_run["out"]
+    assert len(two_node_run["nodes"]) == 2 and two_node_run["summary"].workers == 2
+    table = pd.read_parquet(out / "cohort.parquet")
+    assert set(table["node"]) == two_node_run["nodes"]  # both nodes segmented cases, each recorded
+    assert set(table["case"]) == {f"m{i:02d}" for i in range(10)}
+    failures = pd.read_csv(out / "failures.csv")
+    assert list(failures["case"]) == ["gone"] and "not found" in failures["error"].iloc[0]
+    whole = pd.read_parquet(main_run["out"] / "cohort.parquet")
+    for i in range(10):
+        a = _labels(out / f"m{i:02d}_seg.nii.gz")
+        b = _labels(main_run["out"] / f"dicom_study{i:02d}_t2_seg.nii.gz")
+        assert np.array_equal(a, b)
+        cols = ["structure", "id", "voxels", "volume_ml", "mean_intensity", "regions", "PatientAge"]
+        mine = table[table["case"] == f"m{i:02d}"][cols].reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, whole[whole["case"] == f"dicom_study{i:02d}_t2"][cols].reset_index(
+            drop=True))
+
+
+def _batch_cmd(manifest: Path, out: Path, weights: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mrannotator.cli", "batch", "-i", str(manifest), "-o", str(out), "--workers",
+            "2", "--weights", str(weights), *extra]
+
+
+def _records(ledger: Path) -> list[Path]:
+    """Ledger record files (not the temporary files of a write in progress)."""
+    return sorted(p for p in ledger.glob("*.json") if not p.name.startswith(".")) if ledger.is_dir() else []
+
+
+def _wait_for_records(proc, ledger: Path, n: int, timeout: float = 300) -> int:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        done = len(_records(ledger))
+        if done >= n or proc.poll() is not None:
+            return done
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {n} ledger records after {timeout} s")
+
+
+def _kill_driver(proc: subprocess.Popen, sig: int) -> list[psutil.Process]:
+    """Signal the driver; returns its Ray processes, to be ended by the test if they outlive it."""
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(sig)
+    return children
+
+
+def _end_leftovers(processes: list[psutil.Process]) -> None:
+    """A SIGKILLed driver's Ray agents live on for about a minute: ended here, by PID (psutil checks that each
+    PID is still the process it was)."""
+    for p in processes:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def test_resume_after_sigkill_and_ctrl_c_processes_each_case_once(manifest, two_node_run, tmp_path, demo_weights):
+    import pandas as pd
+
+    out, ledger = tmp_path / "out", tmp_path / "out" / "ledger"
+    driver = subprocess.Popen(_batch_cmd(manifest, out, demo_weights, "--quiet"))
+    leftovers = []
+    try:
+        first = _wait_for_records(driver, ledger, 5)
+        leftovers = _kill_driver(driver, signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        driver.kill()
+        _end_leftovers(leftovers)
+    assert 5 <= first < 10 and not (out / "cohort.csv").exists()
+    kept = {p.name: (p.stat().st_mtime_ns, json.loads(p.read_text())["run"]) for p in _records(ledger)}
+    outputs = {f"{n[:-5]}_seg.nii.gz": (out / f"{n[:-5]}_seg.nii.gz").stat().st_mtime_ns for n in kept}
+
+    # second run: Ctrl-C (SIGINT) after one more case: a clean stop, exit code 130, tables not written
+    driver = subprocess.Popen(_batch_cmd(manifest, out, demo_weights, "--quiet"))
+    try:
+        _wait_for_records(driver, ledger, len(kept) + 1)
+        leftovers = _kill_driver(driver, signal.SIGINT)
+        assert driver.wait(60) == 130
+    finally:
+        driver.kill()
+        _end_leftovers(leftovers)
+    assert not (out / "cohort.csv").exists()
+
+    # third run finishes the rest; exit code 2: the manifest's missing study is a failure
+    done = subprocess.run(_batch_cmd(manifest, out, demo_weights, "--quiet"), timeout=600)
+    assert done.returncode == 2
+    records = {p.name: json.loads(p.read_text()) for p in _records(ledger)}
+    assert sorted(records) == [f"m{i:02d}.json" for i in range(10)]  # one record per case
+    for name, (mtime, run) in kept.items():  # cases finished before the kill were not done again
+        assert records[name]["run"] == run and (ledger / name).stat().st_mtime_ns == mtime
+    for name, mtime in outputs.items():
+        assert (out / name).stat().st_mtime_ns == mtime
+    assert len({r["run"] for r in records.values()}) >= 2
+    assert not [p for p in out.rglob(".*") if p.is_file()], "temporary files left behind"
+    whole = pd.read_parquet(two_node_run["out"] / "cohort.parquet").drop(columns=IGNORED_COLUMNS)
+    resumed = pd.read_parquet(out / "cohort.parquet").drop(columns=IGNORED_COLUMNS)
+    pd.testing.assert_frame_equal(resumed, whole)
+    assert (out / "failures.csv").read_text() == (two_node_run["out"] / "failures.csv").read_text()
+
+
+# ------------------------------------------------------------------ changed inputs and weights, bad input
+def test_changed_input_or_other_weights_reprocess_only_what_changed(tmp_path, demo_weights, capsys):
+    import shutil
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, region in enumerate(("prostate", "knee")):
+        nib.save(make_phantom(region, seed=i).image, src / f"{region}.nii.gz")
+    out = tmp_path / "out"
+    other = tmp_path / "weights"  # other weights: the same models with an edited plans.json
+    shutil.copytree(demo_weights, other, ignore=shutil.ignore_patterns("*.md"))
+    for plans in other.glob("*/*/plans.json"):
+        plans.write_text(plans.read_text() + "\n")
+    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
+    try:  # one local Ray for the four batches (each still starts its own worker)
+        def batch(weights=demo_weights, quiet=True):
+            return run_batch(src, out, regions=["prostate", "knee"], weights=weights, quiet=quiet, workers=1)
+
+        first = batch(quiet=False)
+        progress = capsys.readouterr().err  # the progress line: done / total, cases per minute, ETA, failures
+        assert "2/2 cases" in progress and "cases/min" in progress and "ETA" in progress and "0 failed" in progress
+        again = batch()
+        assert (first.processed, again.processed, again.already_done) == (2, 0, 2)
+        nib.save(make_phantom("knee", seed=7).image, src / "knee.nii.gz")  # a changed input file
+        changed = batch()
+        assert (changed.processed, changed.already_done) == (1, 1)
+        rerun = batch(other)
+        assert (rerun.processed, rerun.already_done) == (2, 0)
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("case_id,file\na,x.nii.gz\n", "no 'path' column"),
+    ("", "no 'path' column"),
+])
+def test_bad_manifest_is_refused_with_exit_code_2(tmp_path, capsys, content, message):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(content)
+    assert main(["batch", "-i", str(manifest), "-o", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "ledger").exists()
+
+
+def test_missing_or_empty_input_is_refused(tmp_path, capsys):
+    assert main(["batch", "-i", str(tmp_path / "nothing"), "-o", str(tmp_path / "out")]) == 2
+    assert "input not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["batch", "-i", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 2
+    assert "no NIfTI file, DICOM series or manifest row" in capsys.readouterr().err
+
+
+def test_unknown_region_in_regions_option_is_refused(tmp_path):
+    nib.save(make_phantom("knee", seed=0).image, tmp_path / "k.nii.gz")
+    assert main(["batch", "-i", str(tmp_path / "k.nii.gz"), "-o", str(tmp_path / "o"), "--regions", "brain"]) == 2
+
+
+# ------------------------------------------------------------------ routing table and preview on segment
+@pytest.mark.parametrize("header, regions", [
+    ({"BodyPartExamined": "KNEE"}, ("knee",)),
+    ({"BodyPartExamined": "LSPINE"}, ("lumbar_spine",)),
+    ({"SeriesDescription": "t2_tse L-Spine sag"}, ("lumbar_spine",)),  # longest keyword wins over SPINE
+    ({"ProtocolName": "WHOLE SPINE"}, ("cervical_spine", "lumbar_spine", "thoracic_spine")),
+    ({"BodyPartExamined": "ABDOMENPELVIS"}, ("abdomen", "pelvis")),
+    ({"StudyDescription": "MRT Schulter links", "ProtocolName": "knee?"}, ("knee", "shoulder")),
+    ({"BodyPartExamined": "BRAIN", "SeriesDescription": "T1 MPRAGE"}, None),  # no keyword: all regions
+    ({"SeriesDescription": "KNEECAP"}, None),  # whole words only
+])
+def test_region_keywords_route_headers(header, regions):
+    assert load_region_keywords().route(header).regions == regions
+
+
+def test_every_region_is_reachable_by_a_keyword():
+    from mrannotator.catalogue import REGIONS
+
+    table = load_region_keywords()
+    reachable = {r for words in table._by_words for r in table._by_words[words]}
+    assert reachable == set(REGIONS)
+
+
+def test_plan_names_cases_like_segment_and_routes_explicit_regions(cohort):
+    plan = plan_inputs(cohort["root"] / "nifti", regions=["knee"])
+    assert sorted(c.name for c in plan.cases) == sorted(["corrupt", *(n[6:] for n in cohort["expect"]
+                                                                        if n.startswith("nifti_"))])
+    assert {c.route.regions for c in plan.cases} == {("knee",)}
+
+
+def test_segment_preview_option_writes_the_picture(tmp_path, demo_weights):
+    nib.save(make_phantom("knee", seed=3).image, tmp_path / "knee.nii.gz")
+    rc = main(["segment", "-i", str(tmp_path / "knee.nii.gz"), "-o", str(tmp_path / "o"), "--regions", "knee",
+               "--device", "cpu", "--weights", str(demo_weights), "--preview", "--quiet"])
+    assert rc == 0
+    png = tmp_path / "o" / "knee_preview.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
