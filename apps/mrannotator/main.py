@@ -18,8 +18,10 @@ import tempfile
 from pathlib import Path
 
 from fastapi import HTTPException
+from lib import ohif_fixes
 from lib.configs.mrannotator import MRAnnotatorConfig
 from lib.datastore import MRAnnotatorDatastore, check_name
+from lib.dicomweb_datastore import MRAnnotatorDICOMwebDatastore, dicomweb_datastore
 from lib.errors import not_found, server_error
 from lib.service import CONF_OPTIONS, AppSettings, ModelService
 from monailabel.config import settings
@@ -40,6 +42,7 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
             self.service = ModelService(self.settings)
         except (ValueError, MRAnnotatorError) as e:
             raise MONAILabelException(MONAILabelError.APP_INIT_ERROR, f"MRAnnotator: {e}") from e
+        ohif_fixes.apply()
         self.task_config = MRAnnotatorConfig()
         self.task_config.init("mrannotator", str(self.settings.model_dir), conf, None, service=self.service)
         super().__init__(
@@ -53,10 +56,10 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
 
     # ------------------------------------------------------------ tasks
     def init_datastore(self):
-        if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
         served = {s.id for s in self.service.segmenter().structures}
         catalogue = {s.id for s in load_catalogue()}
+        if self.studies.startswith(("http://", "https://")):  # a PACS (DICOMweb): MR series, labels as SEGs
+            return dicomweb_datastore(self.studies, allowed_label_ids=lambda: served | catalogue)
         return MRAnnotatorDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
@@ -100,7 +103,7 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
             check_name(str(request["label_tag"]), "label tag")
         ds = datastore or self.datastore()
         image = request.get("image")
-        if isinstance(image, str) and isinstance(ds, MRAnnotatorDatastore):
+        if isinstance(image, str) and isinstance(ds, (MRAnnotatorDatastore, MRAnnotatorDICOMwebDatastore)):
             if image in ds.list_images():
                 request = {**request, "image_id": image}
             elif not self._uploaded(image):  # MONAI Label would read any path on the server
