@@ -19,12 +19,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import orthanc_support
 import pydicom
 import pytest
 import requests
 import SimpleITK as sitk
 
-import orthanc_support
 from mrannotator.catalogue import load_catalogue
 from mrannotator.dicom import read_series, sort_datasets
 from mrannotator.imageio import to_sitk
@@ -75,7 +75,8 @@ def dicom(tmp_path_factory):
     write_series(ph.image, root / "derived", study_instance_uid=study, series_number=12,
                  image_type=("DERIVED", "SECONDARY", "MPR"), series_description="MPR")
     for other in ("ct", "localizer", "derived"):
-        out[other] = {"dir": root / other, "uid": str(pydicom.dcmread(next((root / other).iterdir())).SeriesInstanceUID)}
+        first = pydicom.dcmread(next((root / other).iterdir()))
+        out[other] = {"dir": root / other, "uid": str(first.SeriesInstanceUID)}
     return out
 
 

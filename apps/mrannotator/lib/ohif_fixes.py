@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
+from fastapi import Request  # at module level: FastAPI resolves the route's (string) annotations here
+
 logger = logging.getLogger(__name__)
 
 SERVER_URL_COOKIE = "MONAILABEL_SERVER_URL"
@@ -64,20 +66,20 @@ def server_url(request) -> str:
 
 
 def _ohif_route_with_cookie():
-    from fastapi import Depends, Request
+    from fastapi import Depends
     from monailabel.config import settings
-    from monailabel.endpoints.user.auth import RBAC, User
+    from monailabel.endpoints.user.auth import RBAC
 
     user_role = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))  # the stock route's access check
 
-    async def ohif_page(request: Request, path: str, user: User = user_role):
+    async def ohif_page(request: Request, path: str, user=user_role):
         from monailabel.endpoints import ohif
 
         response = ohif.get_ohif(path)
         if not path or not ohif_file(Path(ohif.__file__).resolve().parent / "static" / "ohif", path).suffix or \
                 path.endswith(".html"):
             # OHIF's CookieUtils unescape()s the value; Path=/ so every viewer route sees it
-            response.set_cookie(SERVER_URL_COOKIE, quote(server_url(request), safe="/"), path="/", samesite="lax")
+            response.set_cookie(SERVER_URL_COOKIE, quote(server_url(request), safe=""), path="/", samesite="lax")
         return response
 
     return ohif_page
