@@ -4,7 +4,8 @@
     HOLOSCAN_INPUT_PATH=... HOLOSCAN_OUTPUT_PATH=... HOLOSCAN_MODEL_PATH=... python operators
 
 Without -m / HOLOSCAN_MODEL_PATH the demo weights (models/demo) are used. MRANNOTATOR_DEVICE picks
-auto (default), cpu or cuda; MRANNOTATOR_MODE=fast opts into bf16 (CPU) / fp16 (CUDA) inference.
+auto (default), cpu or cuda; MRANNOTATOR_MODE=fast opts into bf16 (CPU) / fp16 (CUDA) inference;
+MRANNOTATOR_SERIES=UID segments that series (default: the largest acceptable MR series).
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from pathlib import Path
 
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import AppContext, Application
-from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
-from monai.deploy.operators.dicom_series_to_volume_operator import DICOMSeriesToVolumeOperator
-from mr_series_selector import MRSeriesSelectorOperator
+from mr_series_selector import MRSeriesLoaderOperator, MRSeriesSelectorOperator
 from mrannotator_operator import MRAnnotatorSegmentationOperator
 from writers import DICOMSegWriterOperator, ResultsWriterOperator
 
@@ -35,7 +34,11 @@ def models_path(app_context: AppContext, argv: list[str]) -> Path:
 
 
 class MRAnnotatorApp(Application):
-    """DICOM loader -> MR series selector -> series to volume -> MRAnnotator -> DICOM SEG + labels/statistics."""
+    """MR series selector -> series loader -> MRAnnotator -> DICOM SEG + labels/statistics.
+
+    The selector and the loader read DICOM through ``mrannotator.dicom``, the CLI's and the API's reader
+    (MONAI Deploy's DICOM loader and series-to-volume operators would read it a second way).
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -48,9 +51,9 @@ class MRAnnotatorApp(Application):
         models = models_path(app_context, self.argv)
         self._logger.info(f"input {input_dir}, output {output_dir}, models {models}")
 
-        loader = DICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=input_dir, name="dicom_loader")
-        selector = MRSeriesSelectorOperator(self, name="mr_series_selector")
-        to_volume = DICOMSeriesToVolumeOperator(self, name="series_to_volume")
+        selector = MRSeriesSelectorOperator(self, CountCondition(self, 1), input_folder=input_dir,
+                                            series_uid=os.environ.get("MRANNOTATOR_SERIES"), name="mr_series_selector")
+        loader = MRSeriesLoaderOperator(self, name="mr_series_loader")
         segment = MRAnnotatorSegmentationOperator(
             self, weights=models, device=os.environ.get("MRANNOTATOR_DEVICE", "auto"),
             mode=os.environ.get("MRANNOTATOR_MODE", "exact"), name="mrannotator"
@@ -58,9 +61,7 @@ class MRAnnotatorApp(Application):
         seg_writer = DICOMSegWriterOperator(self, output_folder=output_dir, name="dicom_seg_writer")
         results_writer = ResultsWriterOperator(self, output_folder=output_dir, name="results_writer")
 
-        self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
-        self.add_flow(selector, to_volume, {("study_selected_series_list", "study_selected_series_list")})
-        self.add_flow(selector, segment, {("study_selected_series_list", "study_selected_series_list")})
-        self.add_flow(to_volume, segment, {("image", "image")})
+        self.add_flow(selector, loader, {("series", "series")})
+        self.add_flow(loader, segment, {("volume", "volume")})
         self.add_flow(segment, seg_writer, {("segmentation", "segmentation")})
         self.add_flow(segment, results_writer, {("segmentation", "segmentation")})

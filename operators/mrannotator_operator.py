@@ -1,10 +1,10 @@
 """MRAnnotator segmentation: the selected series' volume, with its exact DICOM geometry, through the engine.
 
 The engine (``mrannotator.Segmenter``) is loaded once per run, when the first volume arrives (a study
-without a usable series fails before any model is read), and reused for every later volume. The volume's
-affine is rebuilt from the instances' own ImagePositionPatient / ImageOrientationPatient / PixelSpacing
-(``mrannotator.dicom``), not taken from the affine diagonal, so sagittal, coronal, oblique and
-reversed-order series are segmented in the right anatomical frame.
+without a usable series fails before any model is read), and reused for every later volume. The volume
+comes from ``mrannotator.dicom`` (affine from the instances' own ImagePositionPatient /
+ImageOrientationPatient / PixelSpacing, never the affine diagonal), so sagittal, coronal, oblique and
+reversed-order series are segmented in the right anatomical frame, exactly as the CLI segments them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from monai.deploy.operators.dicom_utils import ModelInfo
 from pydicom.uid import generate_uid
 
 from mrannotator import Segmentation, Segmenter, __version__
-from mrannotator.dicom import sort_datasets, volume_from_datasets
 
 
 @dataclass
@@ -29,7 +28,7 @@ class SeriesSegmentation:
 
     result: Segmentation
     volume: nib.Nifti1Image
-    source_datasets: list  # pydicom Datasets, slice k of ``volume`` = source_datasets[k]
+    source_datasets: list  # pydicom Datasets (headers), slice k of ``volume`` = source_datasets[k]
     study_instance_uid: str
     series_instance_uid: str
     series_description: str
@@ -55,7 +54,7 @@ def model_info_for(segmenter: Segmenter) -> ModelInfo:
 
 
 class MRAnnotatorSegmentationOperator(Operator):
-    """image + study_selected_series_list -> segmentation (SeriesSegmentation)."""
+    """volume (SeriesVolume) -> segmentation (SeriesSegmentation)."""
 
     def __init__(self, fragment: Fragment, *args, weights, device: str = "auto", mode: str = "exact", **kwargs):
         self.weights = weights
@@ -66,8 +65,7 @@ class MRAnnotatorSegmentationOperator(Operator):
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec):
-        spec.input("image")
-        spec.input("study_selected_series_list")
+        spec.input("volume")
         spec.output("segmentation")
 
     def _load(self):
@@ -85,12 +83,8 @@ class MRAnnotatorSegmentationOperator(Operator):
         log = logging.getLogger(__name__)
         if self.segmenter is None:
             self._load()
-        image = op_input.receive("image")
-        selected = op_input.receive("study_selected_series_list")[0].selected_series[0].series
-        # the series-to-volume operator sorted the instances in place; its array follows that order
-        datasets = [i.get_native_sop_instance() for i in selected.get_sop_instances()]
-        volume = volume_from_datasets(datasets, image.asnumpy())
-        datasets, _ = sort_datasets(datasets)  # the volume's slice order, whatever order came in
+        received = op_input.receive("volume")
+        volume, datasets = received.image, received.series.datasets  # slice k of volume = datasets[k]
         result = self.segmenter.segment(volume, progress=log.info)
         log.info(f"{len(result.structures)} structures found in {result.seconds:.1f} s")
         first = datasets[0]

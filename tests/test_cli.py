@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from dicom_fixtures import write_series
 
 CLI = [sys.executable, "-m", "mrannotator.cli"]
 
@@ -97,8 +98,6 @@ def test_demo_runs_every_region_and_reports_dice(tmp_path):
 
 
 def test_segment_a_dicom_series_folder_like_its_nifti(real_mr, tmp_path):
-    from mrannotator.dicom import write_series
-
     write_series(real_mr, tmp_path / "dicom" / "mr")
     write_series(real_mr, tmp_path / "dicom" / "ct", modality="CT", series_number=2)  # ignored: not MR
     r = run("segment", "-i", str(tmp_path / "dicom"), "-o", str(tmp_path / "o"), "--quiet", "--regions", "abdomen")
@@ -111,8 +110,6 @@ def test_segment_a_dicom_series_folder_like_its_nifti(real_mr, tmp_path):
 
 
 def test_a_folder_without_mr_is_refused(real_mr, tmp_path):
-    from mrannotator.dicom import write_series
-
     write_series(real_mr, tmp_path / "ct", modality="CT")
     r = run("segment", "-i", str(tmp_path / "ct"), "-o", str(tmp_path / "o"), "--quiet")
     assert r.returncode == 2 and "no MR series" in r.stderr and "CT" in r.stderr

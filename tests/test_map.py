@@ -18,9 +18,10 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from dicom_fixtures import read_series, write_series
 
 from mrannotator.catalogue import load_catalogue
-from mrannotator.dicom import labels_from_seg, read_series, write_series
+from mrannotator.dicom import labels_from_seg
 from mrannotator.phantoms import make_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,9 +119,20 @@ def model_equipment(seg):
     return items[0]
 
 
+def gdcm_volume(folder: Path) -> nib.Nifti1Image:
+    """The one series in ``folder`` read by SimpleITK/GDCM: a reader independent of mrannotator.dicom."""
+    import SimpleITK as sitk
+
+    from mrannotator.imageio import from_sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return from_sitk(reader.Execute())
+
+
 def engine_labels(segmenter, folder: Path) -> nib.Nifti1Image:
     """The engine alone on the same series (read by SimpleITK/GDCM, an independent geometry path)."""
-    return segmenter.segment(folder).labels
+    return segmenter.segment(gdcm_volume(folder)).labels
 
 
 # ------------------------------------------------------------------ the fixtures are real DICOM
@@ -161,12 +173,10 @@ def test_fixture_geometry_per_slice(studies, acq):
 def test_series_geometry_matches_simpleitk(tmp_path, region, orientation):
     """Non-square pixels (pelvis: 4 x 6 mm) and a tilted acquisition: the affine the app builds from the
     instance headers equals SimpleITK's, voxel for voxel (the SDK's own affine swaps the pixel spacings)."""
-    from mrannotator.imageio import load_dicom_series
-
     ph = make_phantom(region, seed=3, orientation=orientation)
     write_series(ph.image, tmp_path)
     _, mine = read_series(tmp_path)
-    ref = load_dicom_series(tmp_path)
+    ref = gdcm_volume(tmp_path)
     assert np.array_equal(np.asanyarray(mine.dataobj), np.asanyarray(ref.dataobj))
     assert np.allclose(mine.affine, ref.affine, atol=1e-4)
 

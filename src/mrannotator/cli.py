@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 import warnings
@@ -50,7 +51,7 @@ def cmd_segment(args) -> int:
 
     progress = _Progress(args.quiet)
     src = Path(args.input)
-    image = load_image(src)  # bad input fails here, before minutes of model loading
+    image = load_image(src, series_uid=args.series)  # bad input fails here, before minutes of model loading
     progress(f"read {src}: {image.shape} voxels")
     progress("loading models")
     seg = Segmenter(weights=args.weights, device=args.device, threads=args.threads,
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("segment", help="segment one MR volume (NIfTI file or DICOM series folder)")
     s.add_argument("-i", "--input", required=True, help="NIfTI file or folder with one DICOM MR series")
     s.add_argument("-o", "--output", required=True, help="output folder")
+    s.add_argument("--series", metavar="UID", help="DICOM folder: segment this SeriesInstanceUID (default: the "
+                   "largest acceptable MR series)")
     s.add_argument("--regions", nargs="+", help="regions to run (abdomen, pelvis, prostate, shoulder, knee, "
                    "cervical_spine, thoracic_spine, lumbar_spine, spine); default all")
     s.add_argument("--structures", nargs="+", help="only these structures (catalogue names)")
@@ -142,6 +145,7 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             if getattr(args, "quiet", False):
                 warnings.simplefilter("ignore")
+                logging.getLogger("mrannotator").setLevel(logging.ERROR)
             return args.func(args)
     except MRAnnotatorError as e:
         print(f"mrannotator: error: {e}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Reading images with their full geometry, and writing results without ever leaving a partial file.
 
 Everything in the engine is a :class:`nibabel.Nifti1Image` (array in stored voxel order + RAS affine).
-NIfTI files, folders of one DICOM series, nibabel images and SimpleITK images are accepted.
+NIfTI files, DICOM folders (through :mod:`mrannotator.dicom`), nibabel images and SimpleITK images are accepted.
 """
 
 from __future__ import annotations
@@ -19,15 +19,18 @@ import SimpleITK as sitk
 
 from .errors import InputError
 
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM / ITK patient axes <-> nibabel's
 
 
-def load_image(source) -> nib.Nifti1Image:
-    """An MR volume from a path (NIfTI file or DICOM series folder), a nibabel or a SimpleITK image.
+def load_image(source, series_uid: str | None = None) -> nib.Nifti1Image:
+    """An MR volume from a path (NIfTI file or DICOM folder), a nibabel or a SimpleITK image.
 
-    The array is read eagerly (a corrupt file fails here, with its name) and checked to be one 3D
-    volume with a usable affine and finite intensities.
+    A DICOM folder is read by :func:`mrannotator.dicom.read_dicom` (``series_uid`` picks one series,
+    else the largest acceptable MR series). The array is read eagerly (a corrupt file fails here,
+    with its name) and checked to be one 3D volume with a usable affine and finite intensities.
     """
+    if series_uid is not None and not (isinstance(source, str | Path) and Path(source).is_dir()):
+        raise InputError(f"a series UID ({series_uid}) picks a series in a DICOM folder; {source!s:.200} is not one")
     if isinstance(source, sitk.Image):
         img = from_sitk(source)
     elif isinstance(source, nib.spatialimages.SpatialImage):
@@ -37,7 +40,9 @@ def load_image(source) -> nib.Nifti1Image:
         if not path.exists():
             raise InputError(f"input not found: {path}")
         if path.is_dir():
-            img = load_dicom_series(path)
+            from .dicom import read_dicom
+
+            img = read_dicom(path, series_uid)
         else:
             img = _load_nifti(path)
     return check_volume(img, str(source) if not isinstance(source, sitk.Image) else "SimpleITK image")
@@ -107,70 +112,19 @@ def from_sitk(image: sitk.Image) -> nib.Nifti1Image:
     lps = np.eye(4)
     lps[:3, :3] = direction * np.asarray(image.GetSpacing(), float)
     lps[:3, 3] = image.GetOrigin()
-    return nib.Nifti1Image(np.ascontiguousarray(arr), _LPS_TO_RAS @ lps)
+    return nib.Nifti1Image(np.ascontiguousarray(arr), LPS_TO_RAS @ lps)
 
 
 def to_sitk(img: nib.Nifti1Image, array: np.ndarray | None = None) -> sitk.Image:
     """nibabel to SimpleITK, exactly (optionally another array on the same grid, e.g. labels)."""
     arr = np.asanyarray(img.dataobj) if array is None else array
     out = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)))
-    lps = _LPS_TO_RAS @ np.asarray(img.affine, float)
+    lps = LPS_TO_RAS @ np.asarray(img.affine, float)
     spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
     out.SetSpacing(spacing.tolist())
     out.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
     out.SetOrigin(lps[:3, 3].tolist())
     return out
-
-
-def dicom_series_in(folder: Path) -> list[tuple[str, list[str]]]:
-    """(series instance UID, sorted files) of every series GDCM finds in ``folder`` and its subfolders."""
-    reader = sitk.ImageSeriesReader
-    out = []
-    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on every folder without DICOM
-    try:
-        for sub in [folder, *sorted(p for p in Path(folder).rglob("*") if p.is_dir())]:
-            for uid in reader.GetGDCMSeriesIDs(str(sub)) or ():
-                files = reader.GetGDCMSeriesFileNames(str(sub), uid)
-                if files:
-                    out.append((uid, list(files)))
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
-    return out
-
-
-def load_dicom_series(folder: Path, series_uid: str | None = None) -> nib.Nifti1Image:
-    """One MR series of a folder as a volume; the largest MR series if there are several."""
-    import pydicom
-
-    series = dicom_series_in(folder)
-    if not series:
-        raise InputError(f"no DICOM series found in {folder}")
-    candidates = []
-    modalities = set()
-    for uid, files in series:
-        try:
-            ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-        except Exception as e:
-            raise InputError(f"cannot read DICOM file {files[0]}: {e}") from e
-        modality = str(getattr(ds, "Modality", "") or "unknown")
-        modalities.add(modality)
-        if modality == "MR" and (series_uid is None or uid == series_uid):
-            candidates.append((len(files), uid, files))
-    if not candidates:
-        raise InputError(
-            f"no MR series in {folder} (found modality {', '.join(sorted(modalities))}); MRAnnotator segments MR only"
-        )
-    _, uid, files = max(candidates)
-    if len(files) < 2:
-        raise InputError(f"DICOM series {uid} in {folder} has a single slice; MRAnnotator needs a 3D series")
-    try:
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(files)
-        image = reader.Execute()
-    except RuntimeError as e:
-        raise InputError(f"cannot assemble DICOM series {uid} in {folder} into a volume: {e}") from e
-    return from_sitk(image)
 
 
 # ------------------------------------------------------------------ writing, atomically

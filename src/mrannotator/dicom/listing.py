@@ -1,0 +1,74 @@
+"""Listing a folder tree of DICOM files without ever stopping early.
+
+GDCM's directory scan stops at the first dangling symlink or symlink loop and returns a shorter
+series without an error. Here every entry is looked at on its own: dangling symlinks, symlink loops
+(a link to itself, or a folder link back to a folder already listed), unreadable entries and second
+paths to a file already listed are skipped with the reason, and the listing goes on.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+Skipped = tuple[Path, str]
+
+
+def _entry_problem(path: Path, err: OSError) -> str:
+    if err.errno == errno.ELOOP:
+        return "symlink loop"
+    if path.is_symlink():
+        return f"dangling symlink (to {os.readlink(path)})"
+    return f"unreadable ({err.strerror or err})"
+
+
+def _sorted_entries(folder: Path, skipped: list[Skipped]) -> list[Path]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted(Path(e.path) for e in it)
+    except OSError as e:
+        skipped.append((folder, f"unreadable folder ({e.strerror or e})"))
+        return []
+
+
+def list_files(root: Path) -> tuple[list[Path], list[Skipped]]:
+    """(regular files under ``root`` in path order, (path, reason) of every entry skipped).
+
+    Symlinks are followed; a file reached twice (through a link) is listed once.
+    """
+    root = Path(root)
+    skipped: list[Skipped] = []
+    st = root.stat()
+    if not stat.S_ISDIR(st.st_mode):
+        return [root], skipped
+    files: list[Path] = []
+    seen_dirs = {(st.st_dev, st.st_ino)}
+    seen_files: dict[tuple[int, int], Path] = {}
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        subfolders = []
+        for path in _sorted_entries(folder, skipped):
+            try:
+                st = path.stat()
+            except OSError as e:
+                skipped.append((path, _entry_problem(path, e)))
+                continue
+            key = (st.st_dev, st.st_ino)
+            if stat.S_ISDIR(st.st_mode):
+                if key in seen_dirs:
+                    skipped.append((path, "symlink loop (a folder already listed)"))
+                else:
+                    seen_dirs.add(key)
+                    subfolders.append(path)
+            elif not stat.S_ISREG(st.st_mode):
+                skipped.append((path, "not a regular file"))
+            elif key in seen_files:
+                skipped.append((path, f"same file as {seen_files[key]}"))
+            else:
+                seen_files[key] = path
+                files.append(path)
+        pending.extend(reversed(subfolders))  # depth first, in path order
+    return files, skipped
