@@ -31,13 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import orthanc_support  # noqa: E402
-
-from mrannotator.dicom import read_series  # noqa: E402
-
-try:
-    from dicom_fixtures import write_series  # noqa: E402
-except ImportError:
-    from mrannotator.dicom import write_series  # noqa: E402
+from dicom_fixtures import read_series, write_series  # noqa: E402
 
 
 def _infer(url: str, model: str, image: str) -> float:

@@ -21,13 +21,9 @@ import orthanc_support
 import pydicom
 import pytest
 import requests
+from dicom_fixtures import write_series
 
 from mrannotator.phantoms import make_phantom
-
-try:  # the test DICOM writer moves to tests/dicom_fixtures.py
-    from dicom_fixtures import write_series
-except ImportError:
-    from mrannotator.dicom import write_series
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "build" / "test-artifacts" / "ohif"
@@ -135,6 +131,8 @@ def test_ohif_infer_overlay_and_seg_export_to_the_pacs_label_the_series(setup):
     # 5. the SEG is in the PACS, and the server lists the series as labelled, in catalogue ids
     new = set(orthanc_support.seg_series(pacs, setup["series"])) - set(before)
     assert len(new) == 1
+    client = orthanc_support.dicomweb(pacs)
+    client.retrieve_series(setup["study"], next(iter(new)))[0].save_as(ARTIFACTS / "ohif_export_seg.dcm")
     time.sleep(3.5)  # the server re-reads the PACS listing after 3 s
     objects = requests.get(f"{server['url']}/datastore/?output=all", timeout=60).json()["objects"]
     assert "final" in objects[setup["series"]]["labels"]
@@ -144,6 +142,10 @@ def test_ohif_infer_overlay_and_seg_export_to_the_pacs_label_the_series(setup):
     exported = np.asanyarray(label.dataobj)
     path, _ = server["client"].infer("mrannotator", setup["series"], {})
     predicted = np.asanyarray(nib.load(path).dataobj)
+    np.savez_compressed(ARTIFACTS / "labels.npz", exported=exported, predicted=predicted)
     print(f"exported label structures: {sorted(set(np.unique(exported).tolist()) - {0})}")
     assert set(np.unique(exported).tolist()) - {0}  # catalogue ids, not segment numbers 1..44
+    differ = exported != predicted
+    pairs = sorted({(int(a), int(b)) for a, b in zip(exported[differ], predicted[differ], strict=True)})
+    print(f"voxels differing: {int(differ.sum())} of {differ.size}; (exported, predicted) pairs: {pairs[:20]}")
     assert np.array_equal(exported, predicted)  # nothing was edited: the export is the model's result

@@ -24,17 +24,13 @@ import pydicom
 import pytest
 import requests
 import SimpleITK as sitk
+from dicom_fixtures import read_series, write_series
 
 from mrannotator.catalogue import load_catalogue
-from mrannotator.dicom import read_series, sort_datasets
+from mrannotator.dicom import stack_geometry
 from mrannotator.imageio import to_sitk
 from mrannotator.phantoms import make_phantom
 from mrannotator.seg_import import SegImportError, labels_from_any_seg
-
-try:  # the test DICOM writer moves to tests/dicom_fixtures.py
-    from dicom_fixtures import write_series
-except ImportError:
-    from mrannotator.dicom import write_series
 
 pytestmark = [pytest.mark.timeout(1500),
               pytest.mark.skipif(orthanc_support.missing() is not None, reason=str(orthanc_support.missing()))]
@@ -70,7 +66,7 @@ def dicom(tmp_path_factory):
                      "datasets": datasets, "volume": volume}
     ph = _phantom(8100, "LPS")
     write_series(ph.image, root / "ct", modality="CT", series_number=10, series_description="CT abdomen")
-    write_series(ph.image.slicer[:, :, :2], root / "localizer", study_instance_uid=study, series_number=11,
+    write_series(ph.image.slicer[:, :, :12], root / "localizer", study_instance_uid=study, series_number=11,
                  image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), series_description="localizer")
     write_series(ph.image, root / "derived", study_instance_uid=study, series_number=12,
                  image_type=("DERIVED", "SECONDARY", "MPR"), series_description="MPR")
@@ -123,7 +119,8 @@ def _highdicom_seg(entry, structures, numbering, code_of=None, label_of=None):
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    datasets, _ = sort_datasets(entry["datasets"])
+    order, _ = stack_geometry(entry["datasets"])
+    datasets = [entry["datasets"][i] for i in order]
     data = np.asanyarray(entry["labels"].dataobj)
     masks, descriptions = [], []
     for number, s in zip(numbering, structures, strict=True):
@@ -242,13 +239,32 @@ def test_strategies_hand_out_series_not_yet_cached_without_500(server, dicom):
     assert r.status_code == 404
 
 
-def test_infer_on_a_pacs_series_keeps_the_series_geometry(server, dicom):
+def _dciodvfy_errors(ds: pydicom.Dataset, path: Path) -> list[str]:
+    ds.save_as(path, enforce_file_format=True)
+    check = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True)
+    return [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_infer_on_a_pacs_series_keeps_the_series_geometry_and_its_saved_result_is_no_label(
+        server, pacs, dicom, tmp_path):
     entry = dicom["mr_a"]
-    path, params = server["client"].infer("mrannotator_abdomen", entry["uid"], {})
+    before = set(orthanc_support.seg_series(pacs))
+    path, params = server["client"].infer("mrannotator_abdomen", entry["uid"], {"save_label": True})
     result = nib.load(path)
     assert result.shape == entry["volume"].shape
     assert np.allclose(result.affine, entry["volume"].affine, atol=1e-4)
     assert set(np.unique(np.asanyarray(result.dataobj)).tolist()) - {0}
+    # MONAI Label's save_label of an infer result: our SEG writer, AUTOMATIC, in the PACS, not a label
+    new = set(orthanc_support.seg_series(pacs)) - before
+    assert len(new) == 1
+    seg = _seg_of(pacs, new.pop())
+    assert {item.SegmentAlgorithmType for item in seg.SegmentSequence} == {"AUTOMATIC"}
+    assert seg.SegmentSequence[0].SegmentAlgorithmName == "MRAnnotator"
+    assert not _dciodvfy_errors(seg, tmp_path / "auto.dcm")
+    assert np.array_equal(np.asanyarray(labels_from_any_seg(seg, entry["datasets"]).dataobj),
+                          np.asanyarray(result.dataobj))
+    time.sleep(3.5)
+    assert "final" not in server["client"].datastore()["objects"][entry["uid"]]["labels"]
     r = requests.post(f"{server['url']}/infer/mrannotator_abdomen?image=1.2.3.4.5", timeout=60)
     assert r.status_code == 404 and "1.2.3.4.5" in r.text
     r = requests.post(f"{server['url']}/infer/mrannotator_abdomen?image={dicom['ct']['uid']}", timeout=60)
@@ -302,9 +318,7 @@ def test_save_label_stores_one_catalogue_coded_seg_that_reads_back_voxel_for_vox
         assert (modifier[0].CodeValue if modifier else None) == (s.laterality.code if s.laterality else None)
         assert item.SegmentAlgorithmType == "SEMIAUTOMATIC" and item.SegmentLabel == s.display
     assert {"kidney_left", "kidney_right"} <= {i.TrackingID for i in seg.SegmentSequence}
-    seg.save_as(tmp_path / "seg.dcm", enforce_file_format=True)
-    check = subprocess.run(["dciodvfy", "-new", str(tmp_path / "seg.dcm")], capture_output=True, text=True)
-    errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+    errors = _dciodvfy_errors(seg, tmp_path / "seg.dcm")
     assert not errors, errors
     # read back: from the SEG itself, and through the server (which reads the newest SEG from the PACS)
     truth = np.asanyarray(entry["labels"].dataobj)

@@ -18,7 +18,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from .catalogue import LabelCatalogue, Structure, load_catalogue
-from .dicom import sort_datasets
+from .dicom import stack_geometry
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ def labels_from_any_seg(seg: Dataset, source_datasets: Sequence[Dataset],
         raise SegImportError(f"not a DICOM SEG (SOP class {seg.get('SOPClassUID', 'missing')})")
     structures = segment_structures(seg, catalogue)
     try:
-        ordered, affine = sort_datasets(source_datasets)
+        order, affine = stack_geometry(source_datasets)
+        ordered = [source_datasets[i] for i in order]
     except InputError as e:
         raise SegImportError(f"the SEG's source series cannot be read: {e}") from e
     try:

@@ -46,7 +46,8 @@ from pydicom.dataset import Dataset
 from lib.datastore import check_name, read_volume
 from lib.errors import bad_request, not_found, unprocessable
 from mrannotator.catalogue import load_catalogue
-from mrannotator.dicom import make_seg, sort_datasets, volume_from_datasets
+from mrannotator.dicom import find_series, load_series, make_seg
+from mrannotator.dicom.ingest import rule_failed
 from mrannotator.errors import InputError
 from mrannotator.imageio import save_nifti
 from mrannotator.seg_import import SegImportError, labels_from_any_seg
@@ -54,7 +55,8 @@ from mrannotator.seg_import import SegImportError, labels_from_any_seg
 logger = logging.getLogger(__name__)
 
 MR, SEG = "MR", "SEG"
-_IMAGE_TYPE, _NUMBER_OF_FRAMES = "00080008", "00280008"
+# what the series rules read from each instance (QIDO includefield): ImageType, NumberOfFrames, Rows, Columns
+_RULE_FIELDS = ["00080008", "00280008", "00280010", "00280011"]
 # a series just stored may still be arriving: listings are re-read after this many seconds
 LISTING_TTL_S = 3.0
 
@@ -70,23 +72,16 @@ class LabelUnusable(HTTPException, InputError):
         return str(self.detail)
 
 
-def series_problem(instances: list[Dataset]) -> str | None:
-    """Why a series (its instances' QIDO attributes) is not an MR volume to segment, or None.
-
-    The project's series rules: MR, not a localizer/scout, not a derived image (MPR, subtraction,
-    a SEG's pixels), at least two slices (single-frame) to form one 3D stack.
-    """
+def series_problem(series: Dataset, instances: list[Dataset]) -> str | None:
+    """Why a PACS series is not an MR volume to segment, or None: the project's series rules
+    (:func:`mrannotator.dicom.ingest.rule_failed`, as for a DICOM folder) on its QIDO attributes."""
     if not instances:
         return "no instances"
-    for ds in instances:
-        image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
-        if "LOCALIZER" in image_type or "SCOUT" in image_type:
-            return "localizer"
-        if image_type and image_type[0] == "DERIVED":
-            return "derived image"
-    if len(instances) < 2 and int(instances[0].get("NumberOfFrames", 1) or 1) < 2:
-        return "single slice"
-    return None
+    for ds in instances:  # series-level attributes the rules read, on every instance as in a file
+        for keyword in ("Modality", "SeriesDescription"):
+            if keyword in series and keyword not in ds:
+                setattr(ds, keyword, series.get(keyword))
+    return rule_failed(instances)
 
 
 def _dt(ds: Dataset, date: str, time_: str) -> str:
@@ -133,8 +128,8 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
                 uid = str(ds.SeriesInstanceUID)
                 if uid not in self._verdicts:
                     instances = [Dataset.from_json(i) for i in self._client.search_for_instances(
-                        str(ds.StudyInstanceUID), uid, fields=[_IMAGE_TYPE, _NUMBER_OF_FRAMES])]
-                    self._verdicts[uid] = series_problem(instances)
+                        str(ds.StudyInstanceUID), uid, fields=_RULE_FIELDS)]
+                    self._verdicts[uid] = series_problem(ds, instances)
                     if self._verdicts[uid]:
                         logger.info(f"not listing MR series {uid}: {self._verdicts[uid]}")
                 if self._verdicts[uid] is None:
@@ -204,8 +199,8 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
     def _series_dir(self, image_id: str) -> Path:
         return self._root / "series" / image_id
 
-    def source_datasets(self, image_id: str) -> list[Dataset]:
-        """The series' instances (fetched once into the cache), sorted along the slice normal."""
+    def _cached_series(self, image_id: str):
+        """The cached series (fetched once), read by the project's DICOM ingestion: sorted, checked."""
         study = self.require_image(image_id)
         folder = self._series_dir(image_id)
         with self._lock:
@@ -217,20 +212,23 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
                     os.replace(tmp, folder)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
-        datasets = [pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]
         try:
-            return sort_datasets(datasets)[0]
+            return find_series(folder).choose(image_id)
         except InputError as e:
-            raise unprocessable(f"series {image_id} is not one 3D stack: {e}") from e
+            raise unprocessable(f"series {image_id} cannot be read: {e}") from e
+
+    def source_datasets(self, image_id: str) -> list[Dataset]:
+        """The series' instances (with pixel data), in slice order."""
+        return [pydicom.dcmread(p) for p in self._cached_series(image_id).files]
 
     def get_image_uri(self, image_id: str) -> str:
         path = self._root / "images" / f"{image_id}.nii.gz"
         if not path.is_file():
-            datasets = self.source_datasets(image_id)
+            series = self._cached_series(image_id)
             with self._lock:
                 if not path.is_file():
                     try:
-                        volume = volume_from_datasets(datasets)
+                        volume = load_series(series)
                     except InputError as e:
                         raise unprocessable(f"series {image_id} cannot be read: {e}") from e
                     tmp = path.with_name(f".{os.getpid()}-{path.name}")
