@@ -109,11 +109,7 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
             elif not self._uploaded(image):  # MONAI Label would read any path on the server
                 raise not_found(f"image {image!r} is not in the datastore")
         try:
-            result = super().infer(request, datastore)
-            if isinstance(ds, MRAnnotatorDICOMwebDatastore) and str(result.get("file", "")).endswith(".nrrd") \
-                    and not str(result["file"]).endswith(".seg.nrrd"):
-                ohif_fixes.viewer_slice_order(result["file"])  # OHIF's panel ignores NRRD geometry
-            return result
+            return super().infer(request, datastore)
         except HTTPException:
             raise
         except Exception as e:

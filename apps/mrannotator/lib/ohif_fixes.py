@@ -8,13 +8,7 @@ tests/test_pacs.py that fails when upstream behaves differently, so the fix can 
    kept inside the OHIF folder, and a path that is no file (an OHIF route) still gets index.html.
 2. ``monailabel.endpoints.proxy.proxy_dicom`` forwards the path without the query string, so QIDO
    searches from OHIF (``?PatientName=...&limit=...``, ``includefield``) reach the PACS unfiltered.
-3. The bundled OHIF panel copies the voxels of an infer result (NRRD) straight into its label map,
-   ignoring the NRRD's geometry. Its label map runs its slices against the slice normal (measured:
-   with the result in our order, ascending along the normal, the overlay was upside down in the
-   coronal view and the SEG OHIF exported was flipped along the slices). :func:`viewer_slice_order`
-   rewrites such a result in that order, with the geometry to match, so geometry-aware readers
-   (3D Slicer, SimpleITK) read the same label as before.
-4. The bundled OHIF panel takes the server URL from the ``MONAILABEL_SERVER_URL`` cookie, falling
+3. The bundled OHIF panel takes the server URL from the ``MONAILABEL_SERVER_URL`` cookie, falling
    back to port 8000: a server on any other port is never reached. The viewer pages are served
    with that cookie set to the server they came from.
 """
@@ -26,7 +20,6 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
-import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the route's (string) annotations here
 
 logger = logging.getLogger(__name__)
@@ -43,17 +36,6 @@ def ohif_file(ohif_dir: str | Path, path: str) -> Path:
         if candidate.is_relative_to(root) and candidate.is_file():
             return candidate
     return root / "index.html"
-
-
-def viewer_slice_order(path: str | Path) -> None:
-    """Rewrite a label NRRD (slices along the series' slice normal) with its slices reversed, in place."""
-    import SimpleITK as sitk
-
-    from mrannotator.imageio import from_sitk, to_sitk
-
-    image = from_sitk(sitk.ReadImage(str(path)))
-    flipped = image.slicer[:, :, ::-1]  # nibabel keeps the affine exact for the reversed slice axis
-    sitk.WriteImage(to_sitk(flipped, np.asanyarray(flipped.dataobj)), str(path), useCompression=True)
 
 
 def fixed_get_ohif(path: str):
