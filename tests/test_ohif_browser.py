@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import shutil
 import time
 from pathlib import Path
@@ -47,7 +48,7 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.skipif(_why_skip() is not No
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, demo_weights):
     root = tmp_path_factory.mktemp("ohif")
-    ph = make_phantom("abdomen", seed=8200, orientation="LPS")
+    ph = make_phantom("abdomen", seed=8200, orientation=os.environ.get("OHIF_TEST_ORIENTATION", "LPS"))
     write_series(ph.image, root / "mr", series_description="T2 abdomen", study_description="MR abdomen")
     write_series(ph.image, root / "ct", modality="CT", series_number=5, series_description="CT abdomen",
                  study_description="CT abdomen")
@@ -148,4 +149,6 @@ def test_ohif_infer_overlay_and_seg_export_to_the_pacs_label_the_series(setup):
     differ = exported != predicted
     pairs = sorted({(int(a), int(b)) for a, b in zip(exported[differ], predicted[differ], strict=True)})
     print(f"voxels differing: {int(differ.sum())} of {differ.size}; (exported, predicted) pairs: {pairs[:20]}")
+    for axes in ((0,), (1,), (2,), (0, 1), (0, 2), (1, 2)):
+        print(f"flip {axes}: {int((np.flip(exported, axes) != predicted).sum())} differ")
     assert np.array_equal(exported, predicted)  # nothing was edited: the export is the model's result
