@@ -4,8 +4,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   # dicom3tools: dciodvfy validates the DICOM series and SEGs the tests write
-  if ! dpkg -s dicom3tools >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dicom3tools >/dev/null
+  # orthanc + orthanc-dicomweb: the PACS the PACS tests and README use; chromium: the OHIF browser test
+  missing_pkgs=""
+  for pkg in dicom3tools orthanc orthanc-dicomweb chromium; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing_pkgs="$missing_pkgs $pkg"
+  done
+  if [ -n "$missing_pkgs" ]; then
+    # the orthanc package may start Debian's system service (port 8042/4242); the project never uses it and
+    # runs its own Orthanc (scripts/orthanc.py): `systemctl disable --now orthanc` if it is not wanted
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing_pkgs >/dev/null
   fi
 fi
 PY=${PYTHON:-python3.11}

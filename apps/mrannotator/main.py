@@ -20,10 +20,11 @@ import os
 from pathlib import Path
 
 from fastapi import HTTPException
-from lib import monailabel_adapter
+from lib import monailabel_adapter, ohif_fixes
 from lib.concurrency import RoutePools, offload_blocking_routes
 from lib.configs.mrannotator import MRAnnotatorConfig
 from lib.datastore import MRAnnotatorDatastore, check_name
+from lib.dicomweb_datastore import MRAnnotatorDICOMwebDatastore, dicomweb_datastore
 from lib.errors import bad_request, not_found, server_error
 from lib.service import CONF_OPTIONS, AppSettings, ModelService
 from monailabel.config import settings
@@ -46,6 +47,7 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
             self.service = ModelService(self.settings)
         except (ValueError, MRAnnotatorError) as e:
             raise MONAILabelException(MONAILabelError.APP_INIT_ERROR, f"MRAnnotator: {e}") from e
+        ohif_fixes.apply()
         self.task_config = MRAnnotatorConfig()
         self.task_config.init("mrannotator", str(self.settings.model_dir), conf, None, service=self.service)
         super().__init__(
@@ -61,10 +63,10 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
 
     # ------------------------------------------------------------ tasks
     def init_datastore(self):
-        if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
         served = {s.id for s in self.service.segmenter().structures}
         catalogue = {s.id for s in load_catalogue()}
+        if self.studies.startswith(("http://", "https://")):  # a PACS (DICOMweb): MR series, labels as SEGs
+            return dicomweb_datastore(self.studies, allowed_label_ids=lambda: served | catalogue)
         return MRAnnotatorDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
@@ -106,7 +108,7 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
         image = request.get("image")
         if not isinstance(image, str) or not image:
             raise bad_request(f"image must be a datastore image id, not {type(image).__name__} {image!r}")
-        if isinstance(ds, MRAnnotatorDatastore):
+        if isinstance(ds, (MRAnnotatorDatastore, MRAnnotatorDICOMwebDatastore)):
             if image in ds.list_images():
                 request = {**request, "image_id": image}
             elif request.get("session") and self._session_image(image):

@@ -1,0 +1,462 @@
+"""The app's datastore when ``--studies`` is a DICOMweb URL (a PACS such as Orthanc).
+
+MONAI Label 0.8.5's own DICOMweb datastore lists CT only, converts with dcmqi (every segment typed
+spleen, no laterality, values = segment numbers), and answers hand-outs of series not yet cached
+with a 500. This one keeps MONAI Label's interface (it is a ``DICOMWebDatastore``) and does instead:
+
+- images: the PACS's MR series that pass the project's series rules (no localizer, no derived
+  image, one 3D stack); a series is fetched on first use and read with the project's own geometry
+  code into ``CACHE/images/<SeriesInstanceUID>.nii.gz``;
+- labels: a series is labelled when the PACS holds a SEG for it that is not a bare model result
+  (all segments AUTOMATIC). The newest such SEG is its final label (earlier ones stay in the PACS);
+  it is read into catalogue ids by code + laterality (:mod:`mrannotator.seg_import`), so training,
+  scoring and strategies see NIfTI in catalogue ids;
+- ``save_label``: the same checks as the local datastore, then a SEG written by the project's SEG
+  writer (catalogue codes, laterality, colours, algorithm identification) is STOWed to the PACS:
+  ``final`` labels as SEMIAUTOMATIC (an annotator's label), other tags (infer results) as AUTOMATIC;
+- image info (hand-out records, scores) is kept per series in ``CACHE/info.json`` whether or not
+  the series is cached.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from fastapi import HTTPException
+from filelock import FileLock
+from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.utils.others.generic import md5_digest
+from pydicom.dataset import Dataset
+
+from lib.datastore import check_name, read_volume
+from lib.errors import bad_request, not_found, unprocessable
+from mrannotator.catalogue import load_catalogue
+from mrannotator.dicom import find_series, load_series, make_seg
+from mrannotator.dicom.ingest import rule_failed
+from mrannotator.errors import InputError
+from mrannotator.imageio import save_nifti
+from mrannotator.seg_import import SegImportError, labels_from_any_seg
+
+logger = logging.getLogger(__name__)
+
+MR, SEG = "MR", "SEG"
+# what the series rules read from each instance (QIDO includefield): ImageType, NumberOfFrames, Rows, Columns
+_RULE_FIELDS = ["00080008", "00280008", "00280010", "00280011"]
+# a series just stored may still be arriving: listings are re-read after this many seconds
+LISTING_TTL_S = 3.0
+
+
+class LabelUnusable(HTTPException, InputError):
+    """A label SEG that cannot be read into catalogue ids: 422 at the endpoints, an InputError for the
+    trainer, scoring and strategies (which skip such a label and say why)."""
+
+    def __init__(self, message: str):
+        super().__init__(status_code=422, detail=message)
+
+    def __str__(self) -> str:
+        return str(self.detail)
+
+
+def series_problem(series: Dataset, instances: list[Dataset]) -> str | None:
+    """Why a PACS series is not an MR volume to segment, or None: the project's series rules
+    (:func:`mrannotator.dicom.ingest.rule_failed`, as for a DICOM folder) on its QIDO attributes."""
+    if not instances:
+        return "no instances"
+    for ds in instances:  # series-level attributes the rules read, on every instance as in a file
+        for keyword in ("Modality", "SeriesDescription"):
+            if keyword in series and keyword not in ds:
+                setattr(ds, keyword, series.get(keyword))
+    return rule_failed(instances)
+
+
+def _dt(ds: Dataset, date: str, time_: str) -> str:
+    return f"{ds.get(date, '') or ''}{ds.get(time_, '') or ''}"
+
+
+class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
+    def __init__(self, client, cache_path: str | Path, allowed_label_ids: Callable[[], Iterable[int]],
+                 listing_ttl_s: float = LISTING_TTL_S):
+        self._client = client
+        self._search_filter = {"Modality": MR}
+        self._fetch_by_frame = False
+        self._convert_to_nifti = True
+        self._allowed_label_ids = allowed_label_ids
+        self._listing_ttl_s = listing_ttl_s
+        self._root = Path(cache_path) / md5_digest(client.base_url)
+        for sub in ("images", "series", "segs", "labels"):
+            (self._root / sub).mkdir(parents=True, exist_ok=True)
+        self._info_path = self._root / "info.json"
+        self._lock = threading.RLock()
+        self._listing: tuple[float, dict[str, dict]] | None = None
+        self._seg_listing: tuple[float, dict[str, list[dict]]] | None = None
+        self._verdicts: dict[str, str | None] = {}  # series uid -> why not listed (None: listed)
+        self._seg_refs: dict[str, dict] = {}  # SEG series uid -> {image, automatic, when, study}
+        # LocalDatastore only as the place where MONAI Label expects a datastore_path; nothing watched
+        LocalDatastore.__init__(self, str(self._root / "local"), auto_reload=False)
+
+    # ------------------------------------------------------------ naming
+    def name(self) -> str:
+        return self._client.base_url
+
+    def description(self) -> str:
+        return f"DICOMweb {self._client.base_url} (MR series; labels are DICOM SEGs)"
+
+    # ------------------------------------------------------------ listing
+    def _series(self) -> dict[str, dict]:
+        """Listed series uid -> QIDO attributes (study uid, description), re-read after the TTL."""
+        with self._lock:
+            if self._listing and time.time() - self._listing[0] < self._listing_ttl_s:
+                return self._listing[1]
+            found = {}
+            for js in self._client.search_for_series(search_filters={"Modality": MR}):
+                ds = Dataset.from_json(js)
+                uid = str(ds.SeriesInstanceUID)
+                if uid not in self._verdicts:
+                    instances = [Dataset.from_json(i) for i in self._client.search_for_instances(
+                        str(ds.StudyInstanceUID), uid, fields=_RULE_FIELDS)]
+                    self._verdicts[uid] = series_problem(ds, instances)
+                    if self._verdicts[uid]:
+                        logger.info(f"not listing MR series {uid}: {self._verdicts[uid]}")
+                if self._verdicts[uid] is None:
+                    found[uid] = {"StudyInstanceUID": str(ds.StudyInstanceUID),
+                                  "SeriesDescription": str(ds.get("SeriesDescription", "") or ""),
+                                  "PatientID": str(ds.get("PatientID", "") or ""), "Modality": MR}
+            self._listing = (time.time(), found)
+            return found
+
+    def list_images(self) -> list[str]:
+        return sorted(self._series())
+
+    def require_image(self, image_id: str) -> str:
+        """The series' study uid; 404 for an id that is not a listed series."""
+        series = self._series()
+        if not isinstance(image_id, str) or image_id not in series:
+            raise not_found(f"image {image_id!r} is not an MR series in {self.name()}")
+        return series[image_id]["StudyInstanceUID"]
+
+    def _segs(self) -> dict[str, list[dict]]:
+        """Listed image uid -> its label SEGs, newest first (SEGs that are bare model results left out)."""
+        with self._lock:
+            if self._seg_listing and time.time() - self._seg_listing[0] < self._listing_ttl_s:
+                return self._seg_listing[1]
+            images = self._series()
+            by_image: dict[str, list[dict]] = {}
+            for js in self._client.search_for_series(search_filters={"Modality": SEG}):
+                ds = Dataset.from_json(js)
+                uid = str(ds.SeriesInstanceUID)
+                if uid not in self._seg_refs:
+                    self._seg_refs[uid] = self._describe_seg(str(ds.StudyInstanceUID), uid)
+                ref = self._seg_refs[uid]
+                if ref["image"] in images and not ref["automatic"]:
+                    by_image.setdefault(ref["image"], []).append({"seg": uid, **ref})
+            for segs in by_image.values():
+                segs.sort(key=lambda r: (r["when"], r["seg"]), reverse=True)
+            self._seg_listing = (time.time(), by_image)
+            return by_image
+
+    def _describe_seg(self, study: str, seg_series: str) -> dict:
+        meta = Dataset.from_json(self._client.retrieve_series_metadata(study, seg_series)[0])
+        refs = meta.get("ReferencedSeriesSequence") or []
+        segments = meta.get("SegmentSequence") or []
+        return {
+            "study": study,
+            "image": str(refs[0].SeriesInstanceUID) if refs else "",
+            "automatic": bool(segments) and all(str(s.get("SegmentAlgorithmType", "")) == "AUTOMATIC"
+                                                for s in segments),
+            "when": _dt(meta, "ContentDate", "ContentTime") or _dt(meta, "SeriesDate", "SeriesTime"),
+            "creator": str(meta.get("ContentCreatorName", "") or ""),
+            "description": str(meta.get("SeriesDescription", "") or ""),
+        }
+
+    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        return sorted(self._segs())
+
+    def get_unlabeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        labelled = set(self._segs())
+        return [s for s in self.list_images() if s not in labelled]
+
+    def label_segs(self, image_id: str) -> list[dict]:
+        """Every label SEG of a series, newest (the final label) first."""
+        self.require_image(image_id)
+        return list(self._segs().get(image_id, []))
+
+    # ------------------------------------------------------------ images
+    def _series_dir(self, image_id: str) -> Path:
+        return self._root / "series" / image_id
+
+    def _cached_series(self, image_id: str):
+        """The cached series (fetched once), read by the project's DICOM ingestion: sorted, checked."""
+        study = self.require_image(image_id)
+        folder = self._series_dir(image_id)
+        with self._lock:
+            if not folder.is_dir():
+                tmp = Path(tempfile.mkdtemp(dir=self._root / "series", prefix=".fetch-"))
+                try:
+                    for n, ds in enumerate(self._client.retrieve_series(study, image_id)):
+                        ds.save_as(tmp / f"{n:05d}.dcm", enforce_file_format=False)
+                    os.replace(tmp, folder)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            return find_series(folder).choose(image_id)
+        except InputError as e:
+            raise unprocessable(f"series {image_id} cannot be read: {e}") from e
+
+    def source_datasets(self, image_id: str) -> list[Dataset]:
+        """The series' instances (with pixel data), in slice order."""
+        return [pydicom.dcmread(p) for p in self._cached_series(image_id).files]
+
+    def get_image_uri(self, image_id: str) -> str:
+        path = self._root / "images" / f"{image_id}.nii.gz"
+        if not path.is_file():
+            series = self._cached_series(image_id)
+            with self._lock:
+                if not path.is_file():
+                    try:
+                        volume = load_series(series)
+                    except InputError as e:
+                        raise unprocessable(f"series {image_id} cannot be read: {e}") from e
+                    tmp = path.with_name(f".{os.getpid()}-{path.name}")
+                    save_nifti(volume, tmp)
+                    os.replace(tmp, path)
+        return str(path)
+
+    def get_image(self, image_id: str, params=None):
+        return Path(self.get_image_uri(image_id)).read_bytes()
+
+    def image_signature(self, image_id: str) -> str:
+        return image_id  # a DICOM series does not change under its uid
+
+    def add_image(self, image_id, image_filename, image_info):
+        raise bad_request("this datastore is a PACS: store images with DICOM (STOW-RS or C-STORE), not here")
+
+    def remove_image(self, image_id):
+        raise bad_request("this datastore is a PACS: images are removed in the PACS, not here")
+
+    # ------------------------------------------------------------ labels
+    def _seg_dataset(self, study: str, seg_series: str) -> Dataset:
+        path = self._root / "segs" / f"{seg_series}.dcm"
+        if not path.is_file():
+            instances = self._client.retrieve_series(study, seg_series)
+            if len(instances) != 1:
+                raise unprocessable(f"SEG series {seg_series} holds {len(instances)} instances; expected one")
+            tmp = path.with_name(f".{os.getpid()}-{path.name}")
+            instances[0].save_as(tmp, enforce_file_format=False)
+            os.replace(tmp, path)
+        return pydicom.dcmread(path)
+
+    def final_label_path(self, image_id: str) -> str:
+        """The series' newest label SEG as NIfTI in catalogue ids ("" when unlabelled); 422 if unreadable."""
+        segs = self.label_segs(image_id)
+        if not segs:
+            return ""
+        newest = segs[0]
+        path = self._root / "labels" / DefaultLabelTag.FINAL / image_id / f"{newest['seg']}.nii.gz"
+        if path.is_file():
+            return str(path)
+        seg = self._seg_dataset(newest["study"], newest["seg"])
+        try:
+            labels = labels_from_any_seg(seg, self.source_datasets(image_id))
+        except SegImportError as e:
+            raise LabelUnusable(f"label SEG {newest['seg']} of series {image_id}: {e}") from e
+        try:
+            self._check_ids(np.asanyarray(labels.dataobj), image_id)
+        except HTTPException as e:
+            raise LabelUnusable(f"label SEG {newest['seg']}: {e.detail}") from e
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{os.getpid()}-{path.name}")
+        save_nifti(labels, tmp)
+        os.replace(tmp, path)
+        return str(path)
+
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        # label ids are image ids (as in the local datastore); a SEG series uid is accepted too
+        image_id = image_id or label_id
+        if image_id not in self._series():
+            image_id = self._seg_refs.get(label_id, {}).get("image") or image_id
+        if label_tag == DefaultLabelTag.FINAL:
+            return self.final_label_path(image_id)
+        self.require_image(image_id)
+        check_name(label_tag, "label tag")
+        path = self._root / "labels" / label_tag / f"{image_id}.nii.gz"
+        return str(path) if path.is_file() else ""
+
+    def get_labels_by_image_id(self, image_id: str) -> dict[str, str]:
+        out = {}
+        for tag_dir in (self._root / "labels").iterdir():
+            if tag_dir.name != DefaultLabelTag.FINAL and (tag_dir / f"{image_id}.nii.gz").is_file():
+                out[tag_dir.name] = image_id
+        if image_id in self._segs():
+            out[DefaultLabelTag.FINAL] = image_id
+        return out
+
+    def get_label_by_image_id(self, image_id: str, tag: str) -> str:
+        return self.get_labels_by_image_id(image_id).get(tag, "")
+
+    def get_label_info(self, label_id: str, label_tag: str) -> dict[str, Any]:
+        if label_tag == DefaultLabelTag.FINAL and label_id in self._segs():
+            segs = self._segs()[label_id]
+            return {"SeriesInstanceUID": segs[0]["seg"], "segs": [s["seg"] for s in segs]}
+        return {}
+
+    def _check_ids(self, data: np.ndarray, image_id: str) -> None:
+        values = {int(v) for v in np.unique(data)} - {0}
+        unknown = sorted(values - set(self._allowed_label_ids()))
+        if unknown:
+            raise unprocessable(f"label for {image_id!r} has values {unknown[:10]} that are not catalogue ids of "
+                                "the served structures (see /info labels)")
+
+    def checked_label(self, image_id: str, label_filename: str) -> nib.Nifti1Image:
+        """The same checks as the local datastore: readable 3D, the image's grid, catalogue ids."""
+        image = nib.load(self.get_image_uri(image_id))
+        label = read_volume(label_filename, f"label for {image_id!r}")
+        if label.shape != image.shape[:3]:
+            raise unprocessable(f"label for {image_id!r} has shape {label.shape}; the image has {image.shape[:3]}")
+        if not np.allclose(label.affine, image.affine, atol=1e-2):
+            raise unprocessable(f"label for {image_id!r} is not on the image's grid (origin, spacing or "
+                                "orientation differ); export it on the image's geometry")
+        data = np.asanyarray(label.dataobj)
+        if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
+            raise unprocessable(f"label for {image_id!r} has fractional values; expected catalogue ids")
+        self._check_ids(data, image_id)
+        out = nib.Nifti1Image(data.astype(np.uint8), image.affine)
+        out.set_qform(image.affine, code=1)
+        out.set_sform(image.affine, code=1)
+        return out
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any],
+                   label_id: str = "") -> str:
+        check_name(label_tag, "label tag")
+        self.require_image(image_id)
+        label = self.checked_label(image_id, label_filename)
+        final = label_tag == DefaultLabelTag.FINAL
+        if not final:  # an infer result (or a draft): kept in the cache for this tag
+            path = self._root / "labels" / label_tag / f"{image_id}.nii.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_nifti(label, path)
+        if not np.any(np.asanyarray(label.dataobj)):
+            if final:
+                raise unprocessable(f"label for {image_id!r} is empty: there is nothing to store as a DICOM SEG")
+            return image_id
+        seg_uid = self.store_seg(image_id, label, final, label_info or {})
+        logger.info(f"stored SEG {seg_uid} ({label_tag}) for series {image_id} in {self.name()}")
+        return image_id
+
+    def store_seg(self, image_id: str, label: nib.Nifti1Image, annotated: bool, info: dict[str, Any]) -> str:
+        """Write the label as the project's DICOM SEG and STOW it; returns the SEG's SeriesInstanceUID.
+
+        ``annotated``: an annotator's label (SEMIAUTOMATIC, it becomes the series' final label), else
+        a model result (AUTOMATIC, kept in the PACS for viewing but never taken as a label).
+        """
+        from mrannotator.catalogue import FIRST_UNCATALOGUED_ID
+
+        catalogue = load_catalogue()
+        params = info.get("params") or {}
+        weights = params.get("weights") or {"source": "annotator" if annotated else "model"}
+        structures = [s for s in catalogue if s.id < FIRST_UNCATALOGUED_ID]
+        datasets = self.source_datasets(image_id)
+        try:
+            seg = make_seg(label, structures, datasets, weights=weights)
+        except (ValueError, InputError) as e:
+            raise unprocessable(f"label for {image_id!r} cannot be written as a DICOM SEG: {e}") from e
+        if annotated:
+            for item in seg.SegmentSequence:
+                item.SegmentAlgorithmType = "SEMIAUTOMATIC"  # a model's output corrected by a person
+            seg.SeriesDescription = "MRAnnotator label"
+            seg.ContentLabel = "LABEL"
+            if info.get("client_id") or info.get("user"):
+                seg.ContentCreatorName = str(info.get("client_id") or info.get("user"))[:64]
+        try:
+            self._client.store_instances([seg])
+        except Exception as e:
+            raise unprocessable(f"the PACS refused the SEG for {image_id!r}: {type(e).__name__}: {e}") from e
+        with self._lock:
+            self._seg_listing = None
+        return str(seg.SeriesInstanceUID)
+
+    def remove_label(self, label_id, label_tag):
+        check_name(label_tag, "label tag")
+        if label_tag == DefaultLabelTag.FINAL:
+            raise bad_request("final labels are SEGs in the PACS; remove them there (they are kept for audit)")
+        path = Path(self.get_label_uri(label_id, label_tag))
+        if path.is_file():
+            path.unlink()
+
+    # ------------------------------------------------------------ info, listing, training data
+    def _read_info(self) -> dict:
+        try:
+            return json.loads(self._info_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        series = self._series()
+        if image_id not in series:
+            return {}
+        info = {**series[image_id], "SeriesInstanceUID": image_id, **self._read_info().get(image_id, {})}
+        cached = self._root / "images" / f"{image_id}.nii.gz"
+        if cached.is_file():
+            info["path"] = str(cached)
+        return info
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        self.require_image(image_id)  # any listed series, fetched or not
+        with FileLock(str(self._info_path) + ".lock"):  # train/scoring subprocesses write here too
+            data = self._read_info()
+            data.setdefault(image_id, {}).update(info)
+            tmp = self._info_path.with_name(f".{os.getpid()}-info.json")
+            tmp.write_text(json.dumps(data, indent=1, default=str))
+            os.replace(tmp, self._info_path)
+
+    def datalist(self, full_path=True) -> list[dict[str, Any]]:
+        out = []
+        for image_id in self.get_labeled_images():
+            try:
+                out.append({"image": self.get_image_uri(image_id), "label": self.final_label_path(image_id)})
+            except Exception as e:  # one unreadable SEG must not stop training on the others
+                logger.error(f"not training on {image_id}: {getattr(e, 'detail', e)}")
+        return out
+
+    def status(self) -> dict[str, Any]:
+        return {"total": len(self.list_images()), "completed": len(self.get_labeled_images()),
+                "label_tags": {DefaultLabelTag.FINAL: len(self.get_labeled_images())}}
+
+    def json(self):
+        objects = {}
+        for image_id in self.list_images():
+            labels = {}
+            for tag in self.get_labels_by_image_id(image_id):
+                labels[tag] = {"info": self.get_label_info(image_id, tag)}
+            objects[image_id] = {"image": {"info": self.get_image_info(image_id)}, "labels": labels}
+        return {"name": self.name(), "description": self.description(), "objects": objects}
+
+
+def dicomweb_datastore(url: str, allowed_label_ids: Callable[[], Iterable[int]]) -> MRAnnotatorDICOMwebDatastore:
+    """The datastore for ``--studies URL``, with MONAI Label's DICOMweb settings (credentials, prefixes, cache)."""
+    from dicomweb_client.session_utils import create_session_from_user_pass
+
+    session = None
+    if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+        session = create_session_from_user_pass(settings.MONAI_LABEL_DICOMWEB_USERNAME,
+                                                settings.MONAI_LABEL_DICOMWEB_PASSWORD)
+    client = DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                             wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                             stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+    cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or \
+        str(Path.home() / ".cache" / "monailabel" / "mrannotator-dicomweb")
+    return MRAnnotatorDICOMwebDatastore(client, cache, allowed_label_ids)
