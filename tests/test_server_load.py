@@ -1,7 +1,7 @@
 """The server stays responsive under load: infers queue in a bounded FIFO, /info and label saves answer.
 
 A real server (demo weights, CPU, ``--conf infer_queue 3``) gets 8 concurrent infers, 8 label saves
-and /info every 0.5 s (the driver is bench/server_load.py, which runs the full 12 + 12 and records
+and /info every 0.25 s (the driver is bench/server_load.py, which runs the full 12 + 12 and records
 figures in bench/README.md). Every infer is answered 200, or 503 with Retry-After once the queue is
 full; accepted infers finish in arrival order; every label reads back byte for byte; /info p95 < 1 s.
 """
@@ -39,7 +39,7 @@ def server(tmp_path_factory, demo_weights):
 def test_infers_queue_and_info_and_label_saves_stay_responsive(server):
     images = server.images
     report = run_load(server.url, [images[i % len(images)] for i in range(8)], label_jobs(images, 8),
-                      "mrannotator_shoulderknee", info_period=0.5)
+                      "mrannotator_shoulderknee", info_period=0.25)
     summary = report.summary()
     print(summary)
     assert len(report.infers) == 8 and len(report.labels) == 8  # every request answered
