@@ -89,27 +89,37 @@ def compare(name: str, folder: Path, weights: Path, work: Path) -> dict:
     return row
 
 
+HEADER = ("| case | CLI rc | app rc | outputs (CLI, app) | slices | structures | voxels differing | CLI s | app s |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+
+
+def markdown_row(r: dict) -> str:
+    return (f"| {r['case']} | {r['cli_rc']} | {r['map_rc']} | {r['outputs']} | {r.get('slices', '-')} | "
+            f"{r.get('structures', '-')} | {r.get('differing_voxels', '-')} | {r['cli_s']} | {r['map_s']} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--weights", type=Path, default=None)
+    p.add_argument("--cases", nargs="+", help="only these cases (default: all)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dicom_faces.json")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dicom-faces-"))
+    rows = []
+    print(HEADER, flush=True)
     try:
         weights = args.weights
         if weights is None:
             weights = work / "weights"
             shutil.copytree(ROOT / "models" / "demo" / "Dataset001_Abdomen", weights / "Dataset001_Abdomen")
-        rows = [compare(name, folder, weights, work) for name, folder in write_cases(work / "cases").items()]
+        cases = write_cases(work / "cases")
+        for name in args.cases or cases:  # in the order given
+            rows.append(compare(name, cases[name], weights, work))
+            print(markdown_row(rows[-1]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print("| case | CLI rc | app rc | outputs (CLI, app) | slices | structures | voxels differing | CLI s | app s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['case']} | {r['cli_rc']} | {r['map_rc']} | {r['outputs']} | {r.get('slices', '-')} | "
-              f"{r.get('structures', '-')} | {r.get('differing_voxels', '-')} | {r['cli_s']} | {r['map_s']} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
