@@ -97,3 +97,22 @@ def test_correction_effort_counts_voxels_and_slices():
     dice = study.dice_per_structure(truth, pred, {5: "liver", 1: "spleen"})
     assert dice["spleen"] == 1.0  # absent in both: nothing to correct
     assert dice["liver"] == pytest.approx(2 * 7 / (8 + 8))
+
+
+def test_new_site_is_the_same_anatomy_under_another_contrast():
+    import numpy as np
+
+    from mrannotator.phantoms import TISSUE, make_phantom
+    from mrannotator.sites import make_site_phantom
+
+    original, new = make_phantom("abdomen", seed=3), make_site_phantom("abdomen", seed=3, site="t1")
+    np.testing.assert_array_equal(np.asanyarray(original.labels.dataobj), np.asanyarray(new.labels.dataobj))
+    np.testing.assert_array_equal(original.image.affine, new.image.affine)
+    labels = np.asanyarray(new.labels.dataobj)
+    liver, spleen = (labels == 5), (labels == 1)  # catalogue ids of liver and spleen
+    img_o, img_n = np.asanyarray(original.image.dataobj), np.asanyarray(new.image.dataobj)
+    assert img_o[liver].mean() < img_o[spleen].mean() and img_n[liver].mean() > img_n[spleen].mean()
+    with pytest.raises(ValueError, match="unknown site"):
+        make_site_phantom("abdomen", site="no_such_site")
+    with pytest.raises(ValueError, match="exactly these tissues"):
+        make_phantom("abdomen", contrast={k: v for k, v in TISSUE.items() if k != "fat"})
