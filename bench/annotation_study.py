@@ -167,8 +167,8 @@ def stop_study_server(server) -> None:
     stop_server(server)
 
 
-def _train(client, params: dict, probe_image: str, timeout: float = 3600) -> dict:
-    """POST /train/ and, until it ends, infer ``probe_image`` again and again (latency while training)."""
+def _train(client, params: dict, probe_image: str, timeout: float = 3600, probe_pause: float = 5.0) -> dict:
+    """POST /train/ and, until it ends, infer ``probe_image`` every ``probe_pause`` s (latency while training)."""
     idle = []
     for _ in range(3):
         t = time.perf_counter()
@@ -189,7 +189,7 @@ def _train(client, params: dict, probe_image: str, timeout: float = 3600) -> dic
                 during.append(time.perf_counter() - t)
             except Exception as e:  # a failed request is a finding, not a crash of the study
                 failures.append(f"{type(e).__name__}: {e}"[:300])
-            stop.wait(1.0)
+            stop.wait(probe_pause)
 
     thread = threading.Thread(target=probe, daemon=True)
     t0 = time.perf_counter()
@@ -295,6 +295,8 @@ def plot(result: dict, path: Path) -> None:
                label=f"{name}: original contrast")
         b.plot([r["labelled"] for r in arm["rounds"]], [r["effort_voxels_per_case"] for r in arm["rounds"]], "o-",
                label=name)
+    for name, cut in (result.get("interrupted") or {}).items():  # a round whose training did not finish
+        b.plot([cut["labelled"]], [cut["effort_voxels_per_case"]], "o", mfc="none", label=f"{name}: {cut['label']}")
     base = result.get("no_finetuning")
     if base:
         a.axhline(base["new_site_dice"], color="grey", lw=1, label="no fine-tuning: new site")
