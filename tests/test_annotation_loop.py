@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(1800)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE = [2, 2]
-TRAIN_PARAMS = {"max_epochs": 3, "iterations": 8, "val_iterations": 1, "learning_rate": 0.01}
+TRAIN_PARAMS = {"max_epochs": 2, "iterations": 8, "val_iterations": 1, "learning_rate": 0.01}
 
 
 def _study():
@@ -66,11 +66,13 @@ def test_each_round_trains_on_every_label_so_far_and_serves_the_new_model(loop):
     rounds, site = loop["arm"]["rounds"], loop["site"]
     # replay cases + every case labelled so far
     assert [r["training"]["train_cases"] for r in rounds] == [len(site.replay) + 2, len(site.replay) + 4]
-    versions = [r["training"]["model_version"] for r in rounds]
-    assert len(set(versions)) == 2 and None not in versions
-    # round 2's proposals came from round 1's hot-reloaded model; held-out from the latest one
-    assert {c["model_version"] for c in rounds[1]["cases"]} == {versions[0]}
-    assert rounds[1]["heldout"]["model_version"] == versions[1]
+    published = [r["training"]["model_version"] for r in rounds]  # the model store's version per training
+    assert len(set(published)) == 2 and None not in published
+    # checkpoint versions as infer reports them: round 2's proposals came from round 1's hot-reloaded model
+    served = [r["heldout"]["model_version"] for r in rounds]  # evaluated right after each training
+    proposals = [{c["model_version"] for c in r["cases"]} for r in rounds]
+    assert len(set(served)) == 2 and proposals[0].isdisjoint(served)
+    assert proposals[1] == {served[0]}
     labelled = {i for i, o in loop["datastore"]["objects"].items() if o["labels"].get("final")}
     picked = {c["id"] for r in rounds for c in r["cases"]}
     assert len(picked) == 4 and picked | {c.name for c in site.replay} == labelled
