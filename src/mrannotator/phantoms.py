@@ -107,10 +107,11 @@ def box(pts, center, half, rot=None):
 class _Scene:
     """Paints tissues and labels in order (later paint wins) on a set of RAS points."""
 
-    def __init__(self, pts: np.ndarray, rng: np.random.Generator):
+    def __init__(self, pts: np.ndarray, rng: np.random.Generator, signal: dict[str, float] | None = None):
         self.pts = pts
         self.rng = rng
-        self.tissue = np.full(pts.shape[:-1], TISSUE["air"], np.float32)
+        self.signal = signal or TISSUE  # tissue -> MR signal: the contrast (see mrannotator.sites)
+        self.tissue = np.full(pts.shape[:-1], self.signal["air"], np.float32)
         self.labels = np.zeros(pts.shape[:-1], np.uint8)
         self.cat = load_catalogue()
 
@@ -119,7 +120,7 @@ class _Scene:
         return self.rng.uniform(-scale, scale)
 
     def paint(self, mask, tissue, label=None):
-        self.tissue[mask] = TISSUE[tissue] * self.rng.uniform(0.92, 1.08)
+        self.tissue[mask] = self.signal[tissue] * self.rng.uniform(0.92, 1.08)
         if label is not None:
             self.labels[mask] = self.cat.get(label).id
 
@@ -127,8 +128,8 @@ class _Scene:
         """A bone: dark cortex shell with marrow inside; the label covers both."""
         outer = mask_fn(0.0)
         inner = mask_fn(-rim)
-        self.tissue[outer] = TISSUE["cortex"]
-        self.tissue[inner] = TISSUE["bone"] * self.rng.uniform(0.9, 1.1)
+        self.tissue[outer] = self.signal["cortex"]
+        self.tissue[inner] = self.signal["bone"] * self.rng.uniform(0.9, 1.1)
         if label is not None:
             self.labels[outer] = self.cat.get(label).id
 
@@ -138,8 +139,8 @@ class _Scene:
         inner = ((p[..., 0] - center[0]) / (semi_x - fat)) ** 2 + (
             (p[..., 1] - center[1]) / (semi_y - fat)
         ) ** 2 <= 1
-        self.tissue[outer] = TISSUE["fat"]
-        self.tissue[inner] = TISSUE["muscle"]
+        self.tissue[outer] = self.signal["fat"]
+        self.tissue[inner] = self.signal["muscle"]
 
 
 def _abdomen(s: _Scene):
@@ -293,8 +294,15 @@ def _blur(vol: np.ndarray, sigma_vox) -> np.ndarray:
     return gaussian_filter(vol, sigma_vox)
 
 
-def make_phantom(region: str, seed: int = 0, orientation: str = "LAS", oblique_deg: float = 12.0) -> Phantom:
-    """A phantom of ``region`` (see :data:`GENERATOR_OF_REGION`) stored in ``orientation``."""
+def make_phantom(region: str, seed: int = 0, orientation: str = "LAS", oblique_deg: float = 12.0,
+                 contrast: dict[str, float] | None = None) -> Phantom:
+    """A phantom of ``region`` (see :data:`GENERATOR_OF_REGION`) stored in ``orientation``.
+
+    ``contrast`` maps every tissue of :data:`TISSUE` to its signal (default: :data:`TISSUE`, the contrast the
+    demo models were trained on); the anatomy and the random draws of a seed do not depend on it.
+    """
+    if contrast is not None and set(contrast) != set(TISSUE):
+        raise ValueError(f"contrast must give a signal for exactly these tissues: {sorted(TISSUE)}")
     try:
         gen = GENERATOR_OF_REGION[region]
     except KeyError:
@@ -312,7 +320,7 @@ def make_phantom(region: str, seed: int = 0, orientation: str = "LAS", oblique_d
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(np.float32)
     pts = idx * np.asarray(spacing, np.float32) + ras_affine[:3, 3].astype(np.float32)
 
-    scene = _Scene(pts, rng)
+    scene = _Scene(pts, rng, contrast)
     paint(scene)
     # partial-volume blur, coil bias, Rician-like noise; int16 storage like a scanner
     img = _blur(scene.tissue, 0.6) * _bias_field(shape, rng)
