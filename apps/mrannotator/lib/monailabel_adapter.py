@@ -25,7 +25,10 @@ the app (before uvicorn binds its socket). Each fix has a test in ``tests/test_s
    only after a successful answer; the dataset ZIP is written with ``delete=False``. Each request gets
    its own private temp folder (a context variable read by ``tempfile.gettempdir``), removed when the
    request ends whatever happened; its path is replaced by ``<upload>`` in error answers and logs.
-5. **Status codes**: unknown trainer or scoring method -> 404 before anything is queued; DELETE / info
+5. **3D Slicer's client with a token**: ``monailabel.client`` 0.8.5 sends a stale multipart boundary on
+   uploads after its first multipart request once a token is set; the body's own boundary is used
+   (:func:`_repair_multipart_boundary`).
+6. **Status codes**: unknown trainer or scoring method -> 404 before anything is queued; DELETE / info
    of an unknown image or label -> 404; a dataset download with no labelled image -> 404; infer
    without an image -> 400; invalid JSON in a form field ->
    400; a login the identity provider refuses -> 401 (MONAI Label answers 200 then ERROR, 200 ``{}``
@@ -474,6 +477,8 @@ class ServerGuard:
             headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
             return await JSONResponse({"detail": message}, status_code=status, headers=headers)(scope, receive, send)
 
+        if (method, match_route(method, path)) in FORM_ROUTES:  # only these read a form; others never wait
+            receive = await _repair_multipart_boundary(scope, receive)
         holder = _RequestTemp(UPLOAD_ROOT) if UPLOAD_ROOT is not None else None
         token = _request_temp.set(holder)
         try:
@@ -500,6 +505,47 @@ class ServerGuard:
         if held < ROLE_ORDER.index(role):
             return 403, f"{method} {path} needs the role {role_names()[role]!r}"
         return None
+
+
+# routes whose handlers read a multipart form (the client's stale headers also reach GETs, which must not wait)
+FORM_ROUTES = {("PUT", "/datastore/"), ("PUT", "/datastore/image"), ("PUT", "/datastore/label"),
+               ("PUT", "/datastore/image/info"), ("PUT", "/datastore/label/info"),
+               ("PUT", "/datastore/updatelabelinfo"), ("PUT", "/session/"), ("POST", "/infer/{model}"),
+               ("POST", "/infer/wsi_v2/{model}"), ("PUT", "/model/{model}")}
+
+
+async def _repair_multipart_boundary(scope, receive):
+    """``monailabel.client`` 0.8.5 writes the content-type of its multipart requests into the client's own
+    header dict once a token is set (``http_multipart`` updates ``headers`` in place); its next upload through
+    ``requests`` (``create_session``, ``upload_image``) then sends that old boundary with a new body, and
+    the server answers 400 "Invalid multipart data". The body's first line names its real boundary: the
+    header is set from it. Other requests pass untouched."""
+    headers = dict(scope.get("headers", []))
+    content_type = headers.get(b"content-type", b"")
+    if not content_type.lower().startswith(b"multipart/form-data"):
+        return receive
+    buffered, more = b"", True
+    while more and b"\r\n" not in buffered and len(buffered) < 4096:
+        message = await receive()
+        if message["type"] != "http.request":
+            return _replay(message, receive)
+        buffered += message.get("body", b"")
+        more = message.get("more_body", False)
+    first_line = buffered.split(b"\r\n", 1)[0]
+    claimed = re.search(rb'boundary="?([^";]+)"?', content_type)
+    if first_line.startswith(b"--") and len(first_line) > 2 and (claimed is None or claimed.group(1) != first_line[2:]):
+        fixed = b"multipart/form-data; boundary=" + first_line[2:]
+        scope["headers"] = [(k, fixed if k == b"content-type" else v) for k, v in scope["headers"]]
+    return _replay({"type": "http.request", "body": buffered, "more_body": more}, receive)
+
+
+def _replay(first, receive):
+    pending = [first]
+
+    async def replayed():
+        return pending.pop() if pending else await receive()
+
+    return replayed
 
 
 def _redacting(send, holder: _RequestTemp | None):
