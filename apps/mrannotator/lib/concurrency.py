@@ -19,6 +19,7 @@ Routes that do not block (MONAI Label's /auth, /proxy, /ohif and the app's own) 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import math
@@ -37,6 +38,12 @@ BLOCKING_MODULES = {f"monailabel.endpoints.{m}" for m in (
     "infer", "wsi_infer", "batch_infer", "train", "activelearning", "scoring", "datastore", "info", "model",
     "session", "logs")}
 OFFLOADED = "_mrannotator_offloaded"
+
+
+def _in_context(fn):
+    """``fn`` run in the request's context: run_in_executor, unlike asyncio.to_thread, does not carry
+    context variables over, and the adapter's per-request upload folder is one (monailabel_adapter)."""
+    return functools.partial(contextvars.copy_context().run, fn)
 
 
 class InferQueue:
@@ -59,7 +66,7 @@ class InferQueue:
                                        f"{self.max_waiting + 1}); retry in about {self.retry_after()} s")
         self._in_queue += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, call)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, _in_context(self._timed), call)
         finally:
             self._in_queue -= 1
 
@@ -84,7 +91,7 @@ class RoutePools:
         executor = self.reads if route.methods <= {"GET", "HEAD"} else self.writes
 
         async def submit(call):
-            return await asyncio.get_running_loop().run_in_executor(executor, call)
+            return await asyncio.get_running_loop().run_in_executor(executor, _in_context(call))
 
         return submit
 
