@@ -11,7 +11,7 @@ axial slices that needed any edit), ``save_label``s it as final; after the round
 ``train`` (fine-tuning the served checkpoint on every final label so far) and, while the training
 runs, keeps asking the server for inferences (latency while training vs idle; failures). The next
 round uses the hot-reloaded model. After every training the held-out sets (new site and original
-contrast; uploaded with ``file=``, never in the datastore) are segmented through the server.
+contrast; sent as sessions (PUT /session/), never in the datastore) are segmented through the server.
 
     python bench/annotation_study.py                       # full study: rounds 4,4,8,8, both arms
     python bench/annotation_study.py --schedule 2,2 --pool 6 --heldout 2 --original 2 --arms random
@@ -128,12 +128,17 @@ def _labels(path) -> np.ndarray:
 
 
 def evaluate(client, site: Site) -> dict:
-    """Held-out Dice of the served model: every held-out image uploaded to the server's infer."""
+    """Held-out Dice of the served model: every held-out image sent as a session and inferred there."""
     out: dict = {}
     for key, cases in (("new_site", site.heldout_new), ("original", site.heldout_original)):
         per_case, efforts, version = [], [], None
         for case in cases:
-            path, params = client.infer(TASK, case.name, {}, file=str(case.image))
+            # a volume the server does not hold goes through a session, as 3D Slicer sends local volumes
+            session_id = client.create_session(str(case.image))["session_id"]
+            try:
+                path, params = client.infer(TASK, "", {}, session_id=session_id)
+            finally:
+                client.remove_session(session_id)
             truth, pred = _labels(case.truth), _labels(path)
             per_case.append(dice_per_structure(truth, pred, site.structures))
             efforts.append(correction_effort(truth, pred)[0])
