@@ -445,3 +445,23 @@ def test_segment_preview_option_writes_the_picture(tmp_path, demo_weights):
     assert rc == 0
     png = tmp_path / "o" / "knee_preview.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
+
+
+def test_embedded_ray_never_joins_a_cluster_already_running_here(tmp_path, demo_weights):
+    """Without --address, batch starts its own Ray even when another one (`ray start`, a test cluster) runs on the
+    machine: a bare ray.init() would join that one."""
+    from ray.cluster_utils import Cluster
+
+    nib.save(make_phantom("knee", seed=1).image, tmp_path / "knee.nii.gz")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                            "object_store_memory": 100 * 1024**2})
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        theirs = {n["NodeID"] for n in ray.nodes()}
+        ray.shutdown()
+        cmd = _batch_cmd(tmp_path / "knee.nii.gz", tmp_path / "out", demo_weights, "--quiet", "--regions", "knee")
+        assert subprocess.run(cmd, timeout=600).returncode == 0
+    finally:
+        cluster.shutdown()
+    record = json.loads((tmp_path / "out" / "ledger" / "knee.json").read_text())
+    assert record["status"] == "done" and record["node"] not in theirs

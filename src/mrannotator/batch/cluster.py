@@ -59,8 +59,9 @@ def connect(address: str | None = None) -> RaySession:
         if address:
             ray.init(address=address, **quiet)
             return RaySession(started_here=False, connected_here=True)
-        ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, num_cpus=os.cpu_count(),
-                 **quiet)
+        # address="local": a new Ray of our own, never one that `ray start` (another user, a test) runs here
+        ray.init(address="local", include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                 num_cpus=os.cpu_count(), **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise MRAnnotatorError(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'}: {e}"
                                ) from e
