@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
+from nibabel.wrapstruct import WrapStructError
 
 from .errors import InputError
 
@@ -136,8 +137,8 @@ def nifti_declared(path: str | Path, what: str | None = None) -> Declared:
             itemsize = header.get_data_dtype().itemsize
             offset = int(header.get_data_offset())
             break
-        except (nib.spatialimages.HeaderDataError, nib.filebasedimages.ImageFileError, ValueError, TypeError,
-                KeyError, EOFError):
+        except (nib.spatialimages.HeaderDataError, nib.filebasedimages.ImageFileError, WrapStructError, ValueError,
+                TypeError, KeyError, EOFError):  # WrapStructError: fewer bytes than a header (an empty file)
             continue
     else:
         raise InputError(f"cannot read {what}: not a NIfTI image (no valid NIfTI-1/2 header)")
