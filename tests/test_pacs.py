@@ -332,9 +332,12 @@ def test_newest_seg_is_the_final_label_and_earlier_ones_are_kept(server, pacs, d
     entry = dicom["mr_a"]
     structures = _present(entry)[:3]  # a correction that keeps three structures only
     seg = _dcmqi_seg(entry, structures, tmp_path)
+    earlier = set(orthanc_support.seg_series(pacs, entry["uid"]))
+    assert earlier  # the infer result and the final label saved by the tests above
     time.sleep(1.1)  # dcmqi stamps whole seconds
     _store_dataset(pacs, seg)
-    assert len(orthanc_support.seg_series(pacs, entry["uid"])) == 2
+    now = set(orthanc_support.seg_series(pacs, entry["uid"]))
+    assert earlier < now and len(now - earlier) == 1  # the new one is added, every earlier one kept
     time.sleep(3.5)  # the server re-reads the PACS listing after 3 s
     truth = np.asanyarray(entry["labels"].dataobj)
     expected = np.where(np.isin(truth, [s.id for s in structures]), truth, 0)

@@ -38,6 +38,7 @@ the app (before uvicorn binds its socket). Each fix has a test in ``tests/test_s
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
 import contextvars
 import gc
@@ -58,7 +59,7 @@ from urllib.parse import parse_qs
 
 import jwt
 import requests
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from monailabel.config import settings
 
@@ -443,6 +444,16 @@ def precheck(method: str, template: str, path: str, query: dict[str, str]) -> tu
     return None
 
 
+def _checked(method: str, template: str, path: str, query: dict[str, str]) -> tuple[int, str] | None:
+    """:func:`precheck`, with the answer a datastore gives by raising (e.g. a PACS label that cannot be
+    read: 422) turned into a refusal: the middleware sits outside FastAPI's exception handlers. Run in a
+    worker thread: a PACS datastore answers over the network."""
+    try:
+        return precheck(method, template, path, query)
+    except HTTPException as e:
+        return e.status_code, str(e.detail)
+
+
 # ------------------------------------------------------------------------------------------ middleware
 def _bearer(scope) -> str | None:
     for name, value in scope.get("headers", []):
@@ -471,7 +482,7 @@ class ServerGuard:
         if refusal is None:
             template = match_route(method, path)
             if template is not None:
-                refusal = precheck(method, template, path, _query(scope))
+                refusal = await asyncio.to_thread(_checked, method, template, path, _query(scope))
         if refusal is not None:
             status, message = refusal
             headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
