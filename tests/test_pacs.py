@@ -331,10 +331,10 @@ def test_save_label_stores_one_catalogue_coded_seg_that_reads_back_voxel_for_vox
 def test_newest_seg_is_the_final_label_and_earlier_ones_are_kept(server, pacs, dicom, tmp_path):
     entry = dicom["mr_a"]
     structures = _present(entry)[:3]  # a correction that keeps three structures only
-    seg = _dcmqi_seg(entry, structures, tmp_path)
     earlier = set(orthanc_support.seg_series(pacs, entry["uid"]))
     assert earlier  # the infer result and the final label saved by the tests above
-    time.sleep(1.1)  # dcmqi stamps whole seconds
+    time.sleep(1.1)  # dcmqi stamps whole seconds: its ContentTime must fall after the earlier SEGs'
+    seg = _dcmqi_seg(entry, structures, tmp_path)
     _store_dataset(pacs, seg)
     now = set(orthanc_support.seg_series(pacs, entry["uid"]))
     assert earlier < now and len(now - earlier) == 1  # the new one is added, every earlier one kept
