@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,44 +73,17 @@ def seg_series(server, referenced_series: str | None = None) -> list[str]:
 @contextlib.contextmanager
 def running_monailabel(studies: str, root: Path, weights: Path, env: dict | None = None,
                        conf: dict | None = None, timeout: float = 240) -> Iterator[dict]:
-    """``monailabel start_server --app apps/mrannotator --studies STUDIES`` on a free loopback port."""
+    """``monailabel start_server --app apps/mrannotator --studies STUDIES`` on a free loopback port
+    (server_support's start/stop, with the DICOMweb cache in ``root``); yields a client and the paths."""
     from monailabel.client import MONAILabelClient
+    from server_support import start_server, stop_server
 
-    port = orthanc.free_port()
-    venv_bin = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-           "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_SESSION_PATH": str(root / "sessions"),
-           "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache"), "nnUNet_n_proc_DA": "0", **(env or {})}
-    model_dir = root / "model"
-    cmd = [str(venv_bin / "monailabel"), "start_server", "--app", str(ROOT / "apps" / "mrannotator"),
-           "--studies", studies, "--host", "127.0.0.1", "--port", str(port),
-           "--conf", "weights", str(weights), "--conf", "device", "cpu", "--conf", "model_dir", str(model_dir)]
-    for k, v in (conf or {}).items():
-        cmd += ["--conf", k, str(v)]
-    log_path = root / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    client = MONAILabelClient(f"http://127.0.0.1:{port}", tmpdir=tempfile.mkdtemp(dir=root))
-    deadline = time.time() + timeout
+    env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache"), **(env or {})}
+    server = start_server(root, studies, weights, conf={k: str(v) for k, v in (conf or {}).items()}, env=env,
+                          timeout=timeout)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
-            try:
-                client.info()
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise RuntimeError(f"server not up in {timeout} s:\n{log_path.read_text()[-4000:]}") from None
-                time.sleep(1)
-        yield {"client": client, "port": port, "url": f"http://127.0.0.1:{port}", "model_dir": model_dir,
-               "log": log_path, "cache": root / "cache"}
+        client = MONAILabelClient(server.url, tmpdir=tempfile.mkdtemp(dir=root))
+        yield {"client": client, "port": server.port, "url": server.url, "model_dir": root / "model",
+               "log": server.log_path, "cache": root / "cache"}
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and any train/scoring subprocess it started
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        log.close()
+        stop_server(server)
