@@ -9,6 +9,7 @@ driver that is SIGKILLed at about half, interrupted with SIGINT, and resumed.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import signal
 import subprocess
@@ -436,6 +437,25 @@ def test_plan_names_cases_like_segment_and_routes_explicit_regions(cohort):
     assert sorted(c.name for c in plan.cases) == sorted(["corrupt", *(n[6:] for n in cohort["expect"]
                                                                         if n.startswith("nifti_"))])
     assert {c.route.regions for c in plan.cases} == {("knee",)}
+
+
+def test_planning_by_ray_tasks_equals_serial_planning(cohort):
+    """A folder of many DICOM studies is scanned by Ray tasks (a few study folders each); the plan is the serial
+    one, in the same order."""
+    from mrannotator.batch.cluster import connect, ray_map
+
+    serial = plan_inputs(cohort["root"] / "dicom")
+    session = connect(None)
+    try:
+        by_tasks = plan_inputs(cohort["root"] / "dicom", map_fn=lambda f, items: ray_map(f, items, per_task=4))
+        squares = ray_map(operator.mul, [(i, i) for i in range(10)], per_task=4)
+        pids = ray_map(os.getpid, [()] * 10, per_task=4)
+    finally:
+        session.close()
+    assert by_tasks == serial
+    assert len(serial.cases) == 24 and len(serial.skipped) == 1  # 24 MR studies; the CT series is skipped
+    assert squares == [i * i for i in range(10)]  # in order
+    assert len(pids) == 10 and os.getpid() not in pids  # computed by Ray's worker processes
 
 
 def test_segment_preview_option_writes_the_picture(tmp_path, demo_weights):

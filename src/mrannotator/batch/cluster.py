@@ -20,6 +20,7 @@ from .worker import SegmentWorker
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
 CASES_IN_FLIGHT_PER_WORKER = 2  # one in inference, one being read or written
+SCAN_UNITS_PER_TASK = 8  # DICOM study folders scanned by one Ray task when a batch is planned
 
 
 @dataclass
@@ -30,7 +31,7 @@ class RaySession:
     connected_here: bool
     actors: list = field(default_factory=list)
 
-    def close(self) -> None:
+    def end_workers(self) -> None:
         import ray
 
         for a in self.actors:  # on a shared cluster our actors must not outlive the batch
@@ -39,6 +40,11 @@ class RaySession:
             except Exception:  # noqa: S110 - already dead is fine
                 pass
         self.actors.clear()
+
+    def close(self) -> None:
+        import ray
+
+        self.end_workers()
         if self.started_here or self.connected_here:
             ray.shutdown()
 
@@ -66,6 +72,23 @@ def connect(address: str | None = None) -> RaySession:
         raise MRAnnotatorError(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'}: {e}"
                                ) from e
     return RaySession(started_here=True, connected_here=False)
+
+
+def _run_chunk(func, items: list[tuple]) -> list:
+    return [func(*args) for args in items]
+
+
+def ray_map(func, items: list[tuple], per_task: int = SCAN_UNITS_PER_TASK) -> list:
+    """``[func(*args) for args in items]``, computed by Ray tasks of ``per_task`` items each, anywhere in the
+    cluster (1 CPU each); serial in this process when there are too few items to be worth a task."""
+    items = list(items)
+    if len(items) <= per_task:
+        return _run_chunk(func, items)
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=2)(_run_chunk)
+    refs = [task.remote(func, items[i:i + per_task]) for i in range(0, len(items), per_task)]
+    return [r for chunk in ray.get(refs) for r in chunk]
 
 
 def default_workers(threads_per_worker: int, gpus_per_worker: float) -> int:

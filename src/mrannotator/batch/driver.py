@@ -19,8 +19,8 @@ from pathlib import Path
 
 from ..errors import MRAnnotatorError
 from ..weights import load_weights
-from .cluster import CASES_IN_FLIGHT_PER_WORKER, connect, default_workers, start_workers
-from .inputs import Case, plan_inputs
+from .cluster import CASES_IN_FLIGHT_PER_WORKER, SCAN_UNITS_PER_TASK, connect, default_workers, ray_map, start_workers
+from .inputs import Case, plan_inputs, serial_map
 from .ledger import Ledger, finished_cases, remove_stale_temporaries, same_key, weights_version
 from .tables import write_tables
 
@@ -41,6 +41,7 @@ class BatchSummary:
     seconds: float
     nodes: dict[str, int] = field(default_factory=dict)  # node id -> cases this run processed there
     tables: dict[str, Path] = field(default_factory=dict)
+    plan_seconds: float = 0.0  # finding the cases (DICOM headers read), before any is segmented
 
 
 def run_batch(source: str | Path, out_dir: str | Path, *, address: str | None = None, workers: int | None = None,
@@ -56,8 +57,44 @@ def run_batch(source: str | Path, out_dir: str | Path, *, address: str | None = 
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plan = plan_inputs(source, regions)
+    ray_session = _LazySession(address)
+    try:
+        return _run(source, out, ray_session, t0, workers=workers, gpus_per_worker=gpus_per_worker,
+                    threads_per_worker=threads_per_worker, regions=regions, fast=fast, retry=retry, quiet=quiet,
+                    preview=preview, weights=weights, worker_resources=worker_resources, on_record=on_record)
+    finally:
+        ray_session.close()
+
+
+class _LazySession:
+    """Ray, joined or started on first use: a small input is planned without it, a finished one never starts it."""
+
+    def __init__(self, address: str | None):
+        self.address, self.session = address, None
+
+    def get(self):
+        if self.session is None:
+            self.session = connect(self.address)
+        return self.session
+
+    def scan_map(self, func, items: list[tuple]) -> list:
+        """Planning's map: a DICOM tree of more study folders than one task takes is scanned by Ray tasks."""
+        if len(items) <= SCAN_UNITS_PER_TASK:
+            return serial_map(func, items)
+        self.get()
+        return ray_map(func, items)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+
+
+def _run(source, out: Path, ray_session: _LazySession, t0: float, *, workers, gpus_per_worker, threads_per_worker,
+         regions, fast, retry, quiet, preview, weights, worker_resources, on_record) -> BatchSummary:
     resolved = load_weights(weights)  # a weights problem stops here, before any worker starts
+    t_plan = time.perf_counter()
+    plan = plan_inputs(source, regions, map_fn=ray_session.scan_map)
+    plan_seconds = time.perf_counter() - t_plan
     mode = "fast" if fast else "exact"
     version = weights_version(resolved)
     run = {"run": f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}",
@@ -78,7 +115,7 @@ def run_batch(source: str | Path, out_dir: str | Path, *, address: str | None = 
                        "mode": mode, "regions": None if regions in (None, "auto") else list(regions),
                        "preview": preview}
         n_workers, stats = _process(todo, len(plan.cases), len(done_before), ledger, run, worker_args,
-                                    address=address, workers=workers, threads_per_worker=threads_per_worker,
+                                    session=ray_session.get(), workers=workers, threads_per_worker=threads_per_worker,
                                     gpus_per_worker=gpus_per_worker, worker_resources=worker_resources,
                                     retry=retry, quiet=quiet, on_record=on_record)
     records = ledger.read()
@@ -87,13 +124,13 @@ def run_batch(source: str | Path, out_dir: str | Path, *, address: str | None = 
     failed = sum(r.get("status") != "done" for r in current) + len(plan.skipped)
     return BatchSummary(out, len(plan.cases), len(done_before), stats["processed"], failed, stats["retried"],
                         n_workers, time.perf_counter() - t0,
-                        {k[5:]: v for k, v in stats.items() if k.startswith("node:")}, tables)
+                        {k[5:]: v for k, v in stats.items() if k.startswith("node:")}, tables,
+                        round(plan_seconds, 3))
 
 
 def _process(todo: list[Case], total: int, already: int, ledger: Ledger, run: dict, worker_args: dict, *,
-             address, workers, threads_per_worker, gpus_per_worker, worker_resources, retry, quiet, on_record):
+             session, workers, threads_per_worker, gpus_per_worker, worker_resources, retry, quiet, on_record):
     """Run ``todo`` on Ray workers; returns (number of workers, counters)."""
-    session = connect(address)
     try:
         n = workers or min(default_workers(threads_per_worker, gpus_per_worker), len(todo))
         actors = start_workers(session, n, worker_args, threads_per_worker, gpus_per_worker, worker_resources)
@@ -109,7 +146,7 @@ def _process(todo: list[Case], total: int, already: int, ledger: Ledger, run: di
         progress.close()
         return n, dispatch.stats
     finally:
-        session.close()
+        session.end_workers()
 
 
 class _Dispatcher:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,14 @@ COHORT_FIELDS = ("PatientAge", "PatientSex", "Manufacturer", "MagneticFieldStren
                  "BodyPartExamined")
 _ROUTING_ONLY = ("StudyDescription", "ProtocolName")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+# map_fn(func, [args, ...]) -> [func(*args), ...] in order: how the DICOM folders are scanned (serially by
+# default; the batch driver passes ``cluster.ray_map`` so that a large tree is scanned by Ray tasks)
+MapFn = Callable[[Callable, list[tuple]], list]
+
+
+def serial_map(func: Callable, items: list[tuple]) -> list:
+    return [func(*args) for args in items]
 
 
 @dataclass
@@ -73,11 +81,12 @@ def _relative_name(path: Path, root: Path, file: bool) -> str:
     return _UNSAFE.sub("-", "_".join(parts)) or "case"
 
 
-def plan_inputs(source: str | Path, regions: Sequence[str] | str | None = None) -> Plan:
+def plan_inputs(source: str | Path, regions: Sequence[str] | str | None = None, map_fn: MapFn = serial_map) -> Plan:
     """The cases of a NIfTI file, a folder tree (NIfTI files and DICOM series) or a CSV manifest.
 
     ``regions``: None (DICOM routed by header keywords, NIfTI all regions), ``"auto"`` (the same), or
-    region names applied to every case.
+    region names applied to every case. ``map_fn`` scans the DICOM folders (see :data:`MapFn`); the plan is
+    the same whichever map is used.
     """
     source = Path(source)
     if not source.exists():
@@ -86,13 +95,13 @@ def plan_inputs(source: str | Path, regions: Sequence[str] | str | None = None) 
     if fixed is not None:
         expand_regions(fixed)  # an unknown region is refused here, before any worker starts
     if source.is_file() and source.suffix.lower() == ".csv":
-        plan = _manifest_cases(source, fixed)
+        plan = _manifest_cases(source, fixed, map_fn)
     elif source.is_file():
         if not is_nifti(source):
             raise InputError(f"{source} is neither a NIfTI file, a folder nor a CSV manifest")
         plan = Plan([_nifti_case(source, case_name(source), fixed)], [])
     else:
-        plan = _folder_cases(source, source, fixed)
+        plan = _folder_cases(source, source, fixed, map_fn)
     _make_names_unique(plan.cases)
     if not plan.cases and not plan.skipped:
         raise InputError(f"no NIfTI file, DICOM series or manifest row found in {source}")
@@ -110,7 +119,7 @@ def _nifti_case(path: Path, name: str, fixed) -> Case:
     return Case(name=name, path=str(path), kind="nifti", files=(str(path),), route=route)
 
 
-def _folder_cases(folder: Path, root: Path, fixed, name: str | None = None) -> Plan:
+def _folder_cases(folder: Path, root: Path, fixed, map_fn: MapFn, name: str | None = None) -> Plan:
     """NIfTI files anywhere below ``folder`` and every DICOM series there (other files: skipped)."""
     entries = sorted(folder.rglob("*")) if folder.is_dir() else [folder]
     niftis = [p for p in entries if p.is_file() and is_nifti(p)]
@@ -119,16 +128,17 @@ def _folder_cases(folder: Path, root: Path, fixed, name: str | None = None) -> P
         cases[0].name = name
     if all(p.is_dir() or p in niftis for p in entries):
         return Plan(cases, [])  # NIfTI only: no DICOM scan
-    dicom_cases, skipped = _dicom_cases(folder, root, fixed, ignore=set(niftis), name=name)
+    dicom_cases, skipped = _dicom_cases(folder, root, fixed, set(niftis), map_fn, name=name)
     return Plan(cases + dicom_cases, skipped)
 
 
-def _dicom_cases(folder: Path, root: Path, fixed, ignore: set[Path], name: str | None = None
+def _dicom_cases(folder: Path, root: Path, fixed, ignore: set[Path], map_fn: MapFn, name: str | None = None
                  ) -> tuple[list[Case], list[Skip]]:
     """Every DICOM series below ``folder``, read only through the project's DICOM module (``find_series``).
 
-    A folder of study folders is scanned one top-level folder at a time, so the driver holds one study's
-    headers at once (a series is expected within one top-level folder). An accepted MR series is a case named
+    A folder of study folders is scanned one top-level folder at a time (a series is expected within one
+    top-level folder), each through ``map_fn``: a scan holds one study's headers at once and returns only the
+    cases, so a Ray task per few folders can do it anywhere in the cluster. An accepted MR series is a case named
     after its folder (plus its series number when a folder holds several); a rejected series (CT, localizer,
     broken stack, ...) and every unusable file is a Skip.
     """
@@ -137,14 +147,13 @@ def _dicom_cases(folder: Path, root: Path, fixed, ignore: set[Path], name: str |
         units = sorted(p for p in folder.iterdir() if p.is_dir())
     cases: list[Case] = []
     skipped: list[Skip] = []
-    for unit in units:
-        more_cases, more_skipped = _scan_unit(unit, root, fixed, ignore, name)
+    for more_cases, more_skipped in map_fn(_scan_unit, [(u, root, fixed, name) for u in units]):
         cases += more_cases
-        skipped += more_skipped
+        skipped += [s for s in more_skipped if Path(s.path) not in ignore]  # NIfTI files are cases, not skips
     return cases, skipped
 
 
-def _scan_unit(unit: Path, root: Path, fixed, ignore: set[Path], name: str | None) -> tuple[list[Case], list[Skip]]:
+def _scan_unit(unit: Path, root: Path, fixed, name: str | None) -> tuple[list[Case], list[Skip]]:
     from ..dicom import find_series
 
     scan = find_series(unit)
@@ -162,8 +171,7 @@ def _scan_unit(unit: Path, root: Path, fixed, ignore: set[Path], name: str | Non
             # the worker finds the series again (by UID, in this folder): headers are not kept or shipped
             cases.append(Case(name=case, path=str(parent), kind="dicom", files=tuple(str(f) for f in s.files),
                               route=route, header={k: header[k] for k in COHORT_FIELDS}, series_uid=s.uid))
-    skipped = [Skip(_relative_name(Path(p), root, True), str(p), why)
-               for p, why in scan.skipped if Path(p) not in ignore]
+    skipped = [Skip(_relative_name(Path(p), root, True), str(p), why) for p, why in scan.skipped]
     skipped += [Skip(f"{_relative_name(unit, root, False)} series {r.series_uid}", str(unit),
                      f"{r.description}: {r.reason}") for r in scan.rejected]
     return cases, skipped
@@ -176,8 +184,11 @@ def _header_text(ds, keyword: str) -> str:
     return str(value).strip()
 
 
-def _manifest_cases(manifest: Path, fixed) -> Plan:
-    """Rows of a CSV with a ``path`` column (and optional ``case_id``); relative paths start at the CSV's folder."""
+def _manifest_cases(manifest: Path, fixed, map_fn: MapFn) -> Plan:
+    """Rows of a CSV with a ``path`` column (and optional ``case_id``); relative paths start at the CSV's folder.
+
+    Rows that name folders (or DICOM files) are scanned through ``map_fn``, one row per call, in row order.
+    """
     try:
         with open(manifest, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
@@ -186,8 +197,7 @@ def _manifest_cases(manifest: Path, fixed) -> Plan:
         raise InputError(f"cannot read the manifest {manifest}: {e}") from e
     if "path" not in columns:
         raise InputError(f"manifest {manifest} has no 'path' column (columns: {', '.join(columns) or 'none'})")
-    cases: list[Case] = []
-    skipped: list[Skip] = []
+    found: list[Case | Skip | tuple] = []  # in row order; a tuple is a folder still to scan
     for i, row in enumerate(rows, start=2):  # line 1 is the header
         row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
         given = row.get("path", "")
@@ -195,14 +205,28 @@ def _manifest_cases(manifest: Path, fixed) -> Plan:
         name = _UNSAFE.sub("-", row["case_id"]) if row.get("case_id") else None
         label = name or given or f"line {i}"
         if not given or not path.exists():
-            skipped.append(Skip(label, str(path), f"manifest line {i}: path {given!r} not found"))
+            found.append(Skip(label, str(path), f"manifest line {i}: path {given!r} not found"))
         elif path.is_file() and is_nifti(path):
-            cases.append(_nifti_case(path, name or case_name(path), fixed))
-        elif path.is_dir() or path.is_file():
-            sub = _folder_cases(path, path.parent if path.is_dir() else path.parent, fixed, name=name)
+            found.append(_nifti_case(path, name or case_name(path), fixed))
+        else:
+            found.append((path, path.parent, fixed, name))
+    scanned = iter(map_fn(_manifest_folder, [f for f in found if isinstance(f, tuple)]))
+    cases: list[Case] = []
+    skipped: list[Skip] = []
+    for f in found:
+        if isinstance(f, Case):
+            cases.append(f)
+        elif isinstance(f, Skip):
+            skipped.append(f)
+        else:
+            sub = next(scanned)
             cases += sub.cases
             skipped += sub.skipped
     return Plan(cases, skipped)
+
+
+def _manifest_folder(path: Path, root: Path, fixed, name: str | None) -> Plan:
+    return _folder_cases(path, root, fixed, serial_map, name=name)
 
 
 def _make_names_unique(cases: list[Case]) -> None:
