@@ -45,7 +45,7 @@ TRAINER = "mrannotator"
 SEEDS = {"replay": 0, "original": 20_000, "pool": 30_000, "new_site": 40_000}
 NEW_SITE = "t1"
 # fine-tuning schedule of the study (see README "Annotation study" for how it was chosen)
-TRAIN_PARAMS = {"max_epochs": 4, "iterations": 15, "val_iterations": 1, "learning_rate": 0.01}
+TRAIN_PARAMS = {"max_epochs": 8, "iterations": 25, "val_iterations": 1, "learning_rate": 0.01}  # the app's defaults
 
 
 @dataclass
@@ -77,8 +77,16 @@ def model_structures(weights: Path) -> dict[int, str]:
     return {cat.get(n).id: cat.get(n).name for n, v in dataset["labels"].items() if int(v)}
 
 
-def make_site(root: Path, weights: Path, pool: int, heldout: int, original: int, replay: int) -> Site:
+def site_seeds(repeat: int = 0) -> dict[str, int]:
+    """Phantom seeds of study repeat ``repeat``: other pools and held-out sets; replay stays among the demo
+    weights' training seeds (< 1,000), as the data a site keeps."""
+    return {k: v + (100 if k == "replay" else 1000) * repeat for k, v in SEEDS.items()}
+
+
+def make_site(root: Path, weights: Path, pool: int, heldout: int, original: int, replay: int,
+              seeds: dict[str, int] | None = None) -> Site:
     """Write the studies folder (pool + replay images) and the held-out images, with their truths."""
+    seeds = seeds or SEEDS
     from mrannotator.sites import make_site_phantom
 
     structures = model_structures(weights)
@@ -91,7 +99,7 @@ def make_site(root: Path, weights: Path, pool: int, heldout: int, original: int,
     def write(kind: str, site: str, n: int, folder: Path) -> list[Case]:
         cases = []
         for k in range(n):
-            ph = make_site_phantom(REGION, seed=SEEDS[kind] + k, site=site)
+            ph = make_site_phantom(REGION, seed=seeds[kind] + k, site=site)
             name = f"{kind}_{k:02d}"
             truth = nib.Nifti1Image(lut[np.asanyarray(ph.labels.dataobj)], ph.labels.affine, ph.labels.header)
             nib.save(ph.image, folder / f"{name}.nii.gz")
@@ -302,6 +310,13 @@ def plot(result: dict, path: Path) -> None:
                label=name)
     for name, cut in (result.get("interrupted") or {}).items():  # a round whose training did not finish
         b.plot([cut["labelled"]], [cut["effort_voxels_per_case"]], "o", mfc="none", label=f"{name}: {cut['label']}")
+    for rep in result.get("repeats", []):  # other phantom seeds: thin lines
+        for name, curve in rep["arms"].items():
+            xs = [0] + [r["labelled"] for r in curve]
+            a.plot(xs, [rep["start"]["new_site_dice"]] + [r["new_site_dice"] for r in curve], "-", lw=0.8, alpha=0.5,
+                   label=f"{name}: new site, repeat {rep['repeat']}")
+            b.plot([r["labelled"] for r in curve], [r["effort_voxels_per_case"] for r in curve], "-", lw=0.8,
+                   alpha=0.5, label=f"{name}, repeat {rep['repeat']}")
     base = result.get("no_finetuning")
     if base:
         a.axhline(base["new_site_dice"], color="grey", lw=1, label="no fine-tuning: new site")
@@ -359,14 +374,45 @@ def combine(parts: list[Path], out: Path) -> int:
     return 0
 
 
+def _curve(arm: dict) -> list[dict]:
+    keys = ("labelled", "new_site_dice", "original_dice", "effort_voxels_per_case", "train_seconds")
+    return [{k: r[k] for k in keys} for r in arm["rounds"]]
+
+
+def add_repeats(out: Path, parts: list[Path]) -> int:
+    """Add whole study repeats (other phantom seeds, ``--repeat N``) to the result in ``out``: their curves, and
+    per arm the spread (min, mean, max over every repeat) of the final figures."""
+    result = json.loads(out.read_text())
+    repeats = {r["setup"].get("repeat", 0): r for r in [result, *(json.loads(p.read_text()) for p in parts)]}
+    result["repeats"] = [{"repeat": k, "command": r["command"], "date": r["date"],
+                          "start": {"new_site_dice": r["start"]["new_site_dice"],
+                                    "original_dice": r["start"]["original_dice"]},
+                          "arms": {name: _curve(arm) for name, arm in r["arms"].items()}, "summary": r["summary"]}
+                         for k, r in sorted(repeats.items()) if k != result["setup"].get("repeat", 0)]
+    spread = {}
+    for name in result["arms"]:
+        finals = [r["summary"][name] for r in repeats.values() if name in r.get("summary", {})]
+        spread[name] = {key: {"min": min(v := [f[key] for f in finals]), "mean": round(statistics.mean(v), 4),
+                              "max": max(v)}
+                        for key in ("final_new_site_dice", "original_dice_drop", "effort_voxels_reduction",
+                                    "max_infer_latency_ratio")}
+        spread[name]["repeats"] = len(finals)
+    result["spread"] = spread
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(json.dumps(spread, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--schedule", default="4,4,8,8", help="cases per round")
     ap.add_argument("--pool", type=int, default=24)
     ap.add_argument("--heldout", type=int, default=8, help="held-out new-site phantoms")
     ap.add_argument("--original", type=int, default=8, help="held-out original-contrast phantoms")
-    ap.add_argument("--replay", type=int, default=4, help="labelled original-contrast cases in the datastore")
+    ap.add_argument("--replay", type=int, default=8, help="labelled original-contrast cases in the datastore")
     ap.add_argument("--arms", default="uncertainty,random")
+    ap.add_argument("--repeat", type=int, default=0, help="study repeat: other phantom seeds (see site_seeds)")
     ap.add_argument("--epochs", type=int, default=TRAIN_PARAMS["max_epochs"])
     ap.add_argument("--iterations", type=int, default=TRAIN_PARAMS["iterations"])
     ap.add_argument("--learning-rate", type=float, default=TRAIN_PARAMS["learning_rate"])
@@ -375,9 +421,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "annotation_study.json")
     ap.add_argument("--combine", type=Path, nargs="+", default=None,
                     help="merge the arms of these result files (arms run as separate processes) into --out")
+    ap.add_argument("--add-repeats", type=Path, nargs="+", default=None,
+                    help="add these results of other repeats (--repeat N) to --out, with the spread of the finals")
     args = ap.parse_args(argv)
     if args.combine:
         return combine(args.combine, args.out)
+    if args.add_repeats:
+        return add_repeats(args.out, args.add_repeats)
     schedule = [int(x) for x in args.schedule.split(",")]
     if sum(schedule) > args.pool:
         ap.error(f"the schedule labels {sum(schedule)} cases; the pool has {args.pool}")
@@ -399,7 +449,8 @@ def main(argv=None) -> int:
         "setup": {"region": REGION, "model": MODEL, "infer_task": TASK, "new_site": NEW_SITE,
                   "schedule": schedule, "pool": args.pool, "heldout_new_site": args.heldout,
                   "heldout_original": args.original, "replay_cases": args.replay, "train_params": train_params,
-                  "seeds": SEEDS, "effort": "voxels differing from the truth; axial slices with any differing voxel"},
+                  "seeds": site_seeds(args.repeat), "repeat": args.repeat,
+                  "effort": "voxels differing from the truth; axial slices with any differing voxel"},
         "arms": {},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -416,7 +467,8 @@ def main(argv=None) -> int:
         for arm in args.arms.split(","):
             root = Path(tmp) / arm
             root.mkdir()
-            site = make_site(root, args.weights, args.pool, args.heldout, args.original, args.replay)
+            site = make_site(root, args.weights, args.pool, args.heldout, args.original, args.replay,
+                             site_seeds(args.repeat))
             server = start_study_server(root, site, args.weights)
             try:
                 from monailabel.client import MONAILabelClient

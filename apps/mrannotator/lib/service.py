@@ -37,6 +37,10 @@ logger = logging.getLogger(__name__)
 BASE_FILE = "mrannotator_base.json"
 PRETRAINED = "pretrained"  # the model version name while nothing fine-tuned is published
 
+# fine-tuning schedule, chosen by measurement on the annotation study's new site (README "Annotation study"):
+# 8 x 25 iterations from the served checkpoint at nnU-Net's initial learning rate, poly decay
+DEFAULT_EPOCHS, DEFAULT_ITERATIONS, DEFAULT_VAL_ITERATIONS, DEFAULT_LR = 8, 25, 1, 1e-2
+
 CONF_OPTIONS = {
     "weights": "auto (installed official weights, else the demo weights), demo, official, or a folder",
     "regions": f"all, or a comma-separated list of regions/aliases ({', '.join(region_names())})",
@@ -44,10 +48,10 @@ CONF_OPTIONS = {
     "mode": "exact (default: labels as stock nnU-Net) or fast (bf16 on CPUs with native bf16, fp16 on CUDA)",
     "threads": "CPU threads for torch (default: torch's choice)",
     "model_dir": "where fine-tuned checkpoints are published (default: APP_DIR/model)",
-    "epochs": "fine-tuning epochs per run (default 3)",
-    "iterations": "training iterations per epoch (default 10)",
-    "val_iterations": "validation iterations per epoch (default 2)",
-    "learning_rate": "initial learning rate of the fine-tuning (default 0.01 as nnU-Net, poly decay)",
+    "epochs": f"fine-tuning epochs per run (default {DEFAULT_EPOCHS})",
+    "iterations": f"training iterations per epoch (default {DEFAULT_ITERATIONS})",
+    "val_iterations": f"validation iterations per epoch (default {DEFAULT_VAL_ITERATIONS})",
+    "learning_rate": f"initial learning rate of the fine-tuning (default {DEFAULT_LR} as nnU-Net, poly decay)",
     "reserve_seconds": "how long an image handed out by a strategy is kept from other annotators (default 600)",
     "max_voxels": "largest image or label accepted, in voxels (default 268435456 = 2^28; MRANNOTATOR_MAX_VOXELS)",
     "max_bytes": "largest image or label accepted, in bytes of voxel data and of file size (default 1 GiB)",
@@ -99,10 +103,10 @@ class AppSettings:
     mode: str = "exact"
     threads: int | None = None
     model_dir: Path = Path("model")
-    epochs: int = 3
-    iterations: int = 10
-    val_iterations: int = 2
-    learning_rate: float = 1e-2
+    epochs: int = DEFAULT_EPOCHS
+    iterations: int = DEFAULT_ITERATIONS
+    val_iterations: int = DEFAULT_VAL_ITERATIONS
+    learning_rate: float = DEFAULT_LR
     reserve_seconds: int = 600
     max_voxels: int = limits.DEFAULT_MAX_VOXELS
     max_bytes: int = limits.DEFAULT_MAX_BYTES
@@ -120,10 +124,10 @@ class AppSettings:
             mode=_mode(conf),
             threads=_int(conf, "threads", None),
             model_dir=Path(conf.get("model_dir") or Path(app_dir) / "model").expanduser().resolve(),
-            epochs=_int(conf, "epochs", 3),
-            iterations=_int(conf, "iterations", 10),
-            val_iterations=_int(conf, "val_iterations", 2),
-            learning_rate=_float(conf, "learning_rate", 1e-2),
+            epochs=_int(conf, "epochs", DEFAULT_EPOCHS),
+            iterations=_int(conf, "iterations", DEFAULT_ITERATIONS),
+            val_iterations=_int(conf, "val_iterations", DEFAULT_VAL_ITERATIONS),
+            learning_rate=_float(conf, "learning_rate", DEFAULT_LR),
             reserve_seconds=_int(conf, "reserve_seconds", 600, minimum=0),
             max_voxels=_int(conf, "max_voxels", limits.Limits.from_env().max_voxels),
             max_bytes=_int(conf, "max_bytes", limits.Limits.from_env().max_bytes),
