@@ -5,11 +5,13 @@
 
 On the same N phantoms (NIfTI, every region in turn, all four region models run on each):
   (a) N `mrannotator segment` processes, one after the other (models load N times);
-  (b) one process: Segmenter loaded once, then read -> segment -> write each case (torch's default threads);
+  (b) one process: Segmenter loaded once, then read -> segment -> write each case (torch's default threads),
+      and the same loop with one torch thread (b1);
   (c) `mrannotator batch` with 1 worker and with 2 workers, 1 thread each (local Ray started by the command).
 Then routing: N DICOM studies of the same phantoms whose BodyPartExamined names the region, (d) `batch` with
 1 worker (`--regions auto` routes each to one model) vs (e) one process that loads each region's model and runs
-only it on each case.
+only it on each case. Last, (f): planning the N DICOM studies (their headers read) in the driver vs by Ray tasks
+(Ray already running: its start-up is in the batch figures above).
 
 Every configuration runs in fresh processes; wall time is from start to exit (model loading and Ray start-up
 included); peak RSS is the largest sum of RSS over the process tree (driver, Ray's services and workers),
@@ -134,34 +136,69 @@ def batch_stats(out: Path) -> dict:
             "models_run_per_case": sorted({len(r.get("models_run", [])) for r in records})}
 
 
-def bench(n: int, cli_cases: int, generators: tuple[str, ...], weights: Path, tmp: Path) -> dict:
+PARTS = ("a", "b", "b1", "c", "d", "e", "f")
+
+
+def bench(n: int, cli_cases: int, generators: tuple[str, ...], weights: Path, tmp: Path,
+          parts: tuple[str, ...] = PARTS) -> dict:
     nifti, dicom = make_inputs(tmp / "in", n, generators)
     py = sys.executable
     res = {}
-    cli = []
-    for p in sorted(nifti.glob("*.nii.gz"))[:cli_cases]:  # (a); fewer calls than cases: scaled to n below
-        cli.append(run_measured([py, "-m", "mrannotator.cli", "segment", "-i", str(p), "-o", str(tmp / "a"),
-                                 "--device", "cpu", "--weights", str(weights), "--quiet"]))
-    res["a_cli_per_case"] = {"wall_s": round(sum(c["wall_s"] for c in cli) * n / len(cli), 2),
-                             "peak_rss_mib": max(c["peak_rss_mib"] for c in cli), "calls_measured": len(cli),
-                             "wall_s_per_call": [c["wall_s"] for c in cli]}
-    res["b_in_process_loop"] = run_measured([py, "-c", loop_script(weights, nifti, tmp / "b", False)])
-    for workers in (1, 2):  # (c)
+    if "a" in parts:
+        res.update(_cli_loop(py, nifti, n, cli_cases, weights, tmp))
+    if "b" in parts:
+        res["b_in_process_loop"] = run_measured([py, "-c", loop_script(weights, nifti, tmp / "b", False)])
+    if "b1" in parts:
+        res["b1_in_process_loop_1_thread"] = run_measured(
+            [py, "-c", loop_script(weights, nifti, tmp / "b1", False)], {**os.environ, "OMP_NUM_THREADS": "1"})
+    for workers in (1, 2) if "c" in parts else ():
         out = tmp / f"c{workers}"
         res[f"c_batch_{workers}_worker"] = {**run_measured(
             [py, "-m", "mrannotator.cli", "batch", "-i", str(nifti), "-o", str(out), "--workers", str(workers),
              "--threads-per-worker", "1", "--weights", str(weights), "--quiet"]), **batch_stats(out)}
-    out = tmp / "d"
-    res["d_batch_routed_1_worker"] = {**run_measured(
-        [py, "-m", "mrannotator.cli", "batch", "-i", str(dicom), "-o", str(out), "--workers", "1",
-         "--threads-per-worker", "1", "--weights", str(weights), "--quiet"]), **batch_stats(out)}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the routed loop with the worker's one thread
-    res["e_routed_model_alone_loop"] = run_measured([py, "-c", loop_script(weights, dicom, tmp / "e", True)], env)
+    if "d" in parts:
+        out = tmp / "d"
+        res["d_batch_routed_1_worker"] = {**run_measured(
+            [py, "-m", "mrannotator.cli", "batch", "-i", str(dicom), "-o", str(out), "--workers", "1",
+             "--threads-per-worker", "1", "--weights", str(weights), "--quiet"]), **batch_stats(out)}
+    if "e" in parts:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the routed loop with the worker's one thread
+        res["e_routed_model_alone_loop"] = run_measured([py, "-c", loop_script(weights, dicom, tmp / "e", True)],
+                                                        env)
+    if "f" in parts:
+        res["f_planning"] = json.loads(subprocess.run(
+            [py, "-c", PLANNING_SCRIPT.format(src=str(dicom))], check=True, capture_output=True, text=True
+        ).stdout.strip().splitlines()[-1])
     return res
 
 
+def _cli_loop(py: str, nifti: Path, n: int, cli_cases: int, weights: Path, tmp: Path) -> dict:
+    cli = []
+    for p in sorted(nifti.glob("*.nii.gz"))[:cli_cases]:  # (a); fewer calls than cases: scaled to n below
+        cli.append(run_measured([py, "-m", "mrannotator.cli", "segment", "-i", str(p), "-o", str(tmp / "a"),
+                                 "--device", "cpu", "--weights", str(weights), "--quiet"]))
+    return {"a_cli_per_case": {"wall_s": round(sum(c["wall_s"] for c in cli) * n / len(cli), 2),
+                               "peak_rss_mib": max(c["peak_rss_mib"] for c in cli), "calls_measured": len(cli),
+                               "wall_s_per_call": [c["wall_s"] for c in cli]}}
+
+
+PLANNING_SCRIPT = """
+import json, time
+from mrannotator.batch import plan_inputs
+from mrannotator.batch.cluster import connect, ray_map
+t = time.perf_counter(); serial = plan_inputs({src!r}); serial_s = time.perf_counter() - t
+session = connect(None)
+try:
+    t = time.perf_counter(); tasks = plan_inputs({src!r}, map_fn=ray_map); tasks_s = time.perf_counter() - t
+finally:
+    session.close()
+assert tasks == serial
+print(json.dumps({{"cases": len(serial.cases), "serial_s": round(serial_s, 2), "ray_tasks_s": round(tasks_s, 2)}}))
+"""
+
+
 def summarise(res: dict, n: int) -> dict:
-    per_min = {k: round(60.0 * n / v["wall_s"], 2) for k, v in res.items()}
+    per_min = {k: round(60.0 * n / v["wall_s"], 2) for k, v in res.items() if "wall_s" in v}
     best = max(per_min["c_batch_1_worker"], per_min["c_batch_2_worker"])
     one = res["c_batch_1_worker"]
     routed, alone = res["d_batch_routed_1_worker"], res["e_routed_model_alone_loop"]
@@ -170,7 +207,9 @@ def summarise(res: dict, n: int) -> dict:
         "best_batch_vs_loop": round(best / per_min["b_in_process_loop"], 2),
         "best_batch_vs_cli": round(best / per_min["a_cli_per_case"], 2),
         "ray_overhead_per_case_s": round((one["wall_s"] - one["worker_case_s"]) / n, 2),
+        "best_batch_vs_loop_1_thread": round(best / per_min["b1_in_process_loop_1_thread"], 2),
         "steady_state_s_per_case": {"b_loop": round(res["b_in_process_loop"]["loop_s"] / n, 3),
+                                    "b1_loop_1_thread": round(res["b1_in_process_loop_1_thread"]["loop_s"] / n, 3),
                                     "c_batch_1_worker": one["steady_s_per_case"],
                                     "c_batch_2_worker": res["c_batch_2_worker"]["steady_s_per_case"],
                                     "d_batch_routed": routed["steady_s_per_case"],
@@ -189,10 +228,24 @@ def main(argv=None) -> int:
                     help="phantom regions, in turn (default: all six)")
     ap.add_argument("--weights", type=Path, default=ROOT / "models" / "demo")
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the figures")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help="configurations to run; with fewer than all, they replace theirs in an existing --out")
     args = ap.parse_args(argv)
+    parts = tuple(args.parts.split(","))
     with tempfile.TemporaryDirectory(prefix="mra-bench-batch-") as tmp:
         res = bench(args.cases, args.cli_cases or args.cases, tuple(args.generators), args.weights.resolve(),
-                    Path(tmp))
+                    Path(tmp), parts)
+    if set(parts) != set(PARTS) and args.out and args.out.is_file():  # a partial re-run: merged, and said so
+        old = json.loads(args.out.read_text())
+        rerun = {"parts": list(parts), "date": datetime.now(UTC).isoformat(timespec="minutes"),
+                 "command": " ".join(["python", "bench/batch.py", *sys.argv[1:]]), "replaced": {
+                     k: old["results"].get(k) for k in res}}
+        res = {**old["results"], **res}
+        old.setdefault("reruns", []).append(rerun)
+        old.update(results=res, summary=summarise(res, args.cases))
+        args.out.write_text(json.dumps(old, indent=2) + "\n")
+        print(json.dumps(old["summary"], indent=2))
+        return 0
     report = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "cases": args.cases,
               "generators": args.generators, "command": " ".join(["python", "bench/batch.py", *sys.argv[1:]]),
               "machine": f"{platform.node()} {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB",

@@ -19,8 +19,8 @@ LABELS_FILE = "mrannotator_labels.nii.gz"
 STATISTICS_FILE = "mrannotator_structures.json"
 
 
-class DICOMSegWriterOperator(Operator):
-    """segmentation -> OUT/mrannotator_seg.dcm (BINARY SEG, empty frames omitted, ModelInfo filled)."""
+class _SegmentationSink(Operator):
+    """An end of the graph: takes the segmentation, writes into ``output_folder``."""
 
     def __init__(self, fragment: Fragment, *args, output_folder: Path, **kwargs):
         self.output_folder = Path(output_folder)
@@ -28,6 +28,10 @@ class DICOMSegWriterOperator(Operator):
 
     def setup(self, spec: OperatorSpec):
         spec.input("segmentation")
+
+
+class DICOMSegWriterOperator(_SegmentationSink):
+    """segmentation -> OUT/mrannotator_seg.dcm (BINARY SEG, empty frames omitted, ModelInfo filled)."""
 
     def compute(self, op_input, op_output, context):
         s = op_input.receive("segmentation")
@@ -47,15 +51,8 @@ class DICOMSegWriterOperator(Operator):
         )
 
 
-class ResultsWriterOperator(Operator):
+class ResultsWriterOperator(_SegmentationSink):
     """segmentation -> OUT/mrannotator_labels.nii.gz and OUT/mrannotator_structures.json."""
-
-    def __init__(self, fragment: Fragment, *args, output_folder: Path, **kwargs):
-        self.output_folder = Path(output_folder)
-        super().__init__(fragment, *args, **kwargs)
-
-    def setup(self, spec: OperatorSpec):
-        spec.input("segmentation")
 
     def compute(self, op_input, op_output, context):
         s = op_input.receive("segmentation")

@@ -135,6 +135,21 @@ def _label_and_prediction(setup, series: str, before: list[str], tag: str) -> tu
     return exported, predicted
 
 
+def _open_in_monai_label_mode(page, server: dict, patient: str, check_list=None) -> None:
+    """OHIF's study list (QIDO through the server's proxy) shows the patient's study; open it in the MONAI Label
+    mode and wait for the MR volume. ``check_list(row)`` runs on the study list first."""
+    page.goto(f"{server['url']}/ohif/")
+    row = page.locator("tr").filter(has=page.get_by_role("cell", name=patient, exact=True))
+    row.first.wait_for(timeout=60_000)
+    if check_list:
+        check_list(row)
+    page.get_by_text("Confirm and Hide").click()
+    row.first.click()
+    page.get_by_role("button", name="MONAI Label").click()
+    page.locator('[data-viewport-uid="mpr-axial"] canvas').wait_for(timeout=90_000)
+    time.sleep(8)  # let the MR volume finish loading and rendering
+
+
 def test_ohif_infer_overlay_and_seg_export_to_the_pacs_label_the_series(setup):
     from playwright.sync_api import sync_playwright
 
@@ -147,18 +162,12 @@ def test_ohif_infer_overlay_and_seg_export_to_the_pacs_label_the_series(setup):
         browser = _browser(p)
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            # 1. the study list (QIDO through the server's proxy) shows the MR study
-            page.goto(f"{server['url']}/ohif/")
-            row = page.locator("tr").filter(has=page.get_by_role("cell", name=f"MRA{EXPORT_EXACT}", exact=True))
-            row.first.wait_for(timeout=60_000)
-            page.screenshot(path=str(ARTIFACTS / "1_study_list.png"))
-            assert row.first.filter(has=page.get_by_role("cell", name="MR", exact=True)).is_visible()
-            page.get_by_text("Confirm and Hide").click()
-            # 2. open it in the MONAI Label mode
-            row.first.click()
-            page.get_by_role("button", name="MONAI Label").click()
-            page.locator('[data-viewport-uid="mpr-axial"] canvas').wait_for(timeout=90_000)
-            time.sleep(8)  # let the MR volume finish loading and rendering
+            # 1. the study list (QIDO through the server's proxy) shows the MR study; 2. open it in MONAI Label mode
+            def study_list_shows_mr(row):
+                page.screenshot(path=str(ARTIFACTS / "1_study_list.png"))
+                assert row.first.filter(has=page.get_by_role("cell", name="MR", exact=True)).is_visible()
+
+            _open_in_monai_label_mode(page, server, f"MRA{EXPORT_EXACT}", study_list_shows_mr)
             plain = _viewport_pixels(page, "2_mr_no_overlay.png")
             # 3. connect the panel (already pointed at this server) and run mrannotator: the overlay appears
             _connect_and_run(page, server)
@@ -188,14 +197,7 @@ def test_ohif_seg_export_reverses_the_slices_of_a_series_numbered_along_its_norm
         browser = _browser(p)
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(f"{server['url']}/ohif/")
-            row = page.locator("tr").filter(has=page.get_by_role("cell", name=f"MRA{EXPORT_REVERSED}", exact=True))
-            row.first.wait_for(timeout=60_000)
-            page.get_by_text("Confirm and Hide").click()
-            row.first.click()
-            page.get_by_role("button", name="MONAI Label").click()
-            page.locator('[data-viewport-uid="mpr-axial"] canvas').wait_for(timeout=90_000)
-            time.sleep(8)
+            _open_in_monai_label_mode(page, server, f"MRA{EXPORT_REVERSED}")
             _connect_and_run(page, server)
             page.screenshot(path=str(ARTIFACTS / "5_numbered_along_normal_with_overlay.png"))
             _export_seg(page)

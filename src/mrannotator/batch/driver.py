@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import MRAnnotatorError
 from ..weights import load_weights
-from .cluster import CASES_IN_FLIGHT_PER_WORKER, SCAN_UNITS_PER_TASK, connect, default_workers, ray_map, start_workers
+from .cluster import SCAN_UNITS_PER_TASK, cases_in_flight, connect, default_workers, ray_map, start_workers
 from .inputs import Case, plan_inputs, serial_map
 from .ledger import Ledger, finished_cases, remove_stale_temporaries, same_key, weights_version
 from .tables import write_tables
@@ -136,7 +136,8 @@ def _process(todo: list[Case], total: int, already: int, ledger: Ledger, run: di
         actors = start_workers(session, n, worker_args, threads_per_worker, gpus_per_worker, worker_resources)
         progress = _Progress(total, already, quiet)
         try:
-            dispatch = _Dispatcher(actors, todo, retry, ledger, run, progress, on_record)
+            dispatch = _Dispatcher(actors, todo, retry, ledger, run, progress, on_record,
+                                   in_flight=cases_in_flight(gpus_per_worker))
             dispatch.run()
         except KeyboardInterrupt:
             progress.close()
@@ -150,7 +151,8 @@ def _process(todo: list[Case], total: int, already: int, ledger: Ledger, run: di
 
 
 class _Dispatcher:
-    """Keeps every live worker fed with ``CASES_IN_FLIGHT_PER_WORKER`` cases until all cases have a record.
+    """Keeps every live worker fed with ``in_flight`` cases (``cluster.cases_in_flight``) until all cases have a
+    record.
 
     A worker whose process died is left alone while Ray restarts it (calls to a restarting actor fail at once)
     and probed with ``ready()`` every ``PROBE_INTERVAL_S`` until its models are loaded again.
@@ -159,7 +161,7 @@ class _Dispatcher:
     PROBE_INTERVAL_S = 1.0
 
     def __init__(self, actors: list, cases: list[Case], retry: int, ledger: Ledger, run: dict, progress,
-                 on_record):
+                 on_record, in_flight: int):
         import ray
 
         self.actors = actors
@@ -171,6 +173,7 @@ class _Dispatcher:
         self.dead: dict[int, str] = {}  # workers Ray could not (re)start, with the reason
         self.ever_ready = False
         self.retry, self.ledger, self.run_key, self.progress, self.on_record = retry, ledger, run, progress, on_record
+        self.in_flight = in_flight
         self.stats: Counter = Counter()
         self._ray = ray
 
@@ -223,7 +226,7 @@ class _Dispatcher:
         if i in self.down:
             return
         busy = sum(1 for _, _, w in self.inflight.values() if w == i)
-        while self.pending and busy < CASES_IN_FLIGHT_PER_WORKER:
+        while self.pending and busy < self.in_flight:
             case, attempt = self.pending.popleft()
             self.inflight[self.actors[i].process.remote(case, attempt)] = (case, attempt, i)
             busy += 1

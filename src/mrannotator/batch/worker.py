@@ -1,8 +1,9 @@
 """The batch worker: a long-lived Ray actor holding one loaded :class:`~mrannotator.Segmenter`.
 
-Models load once per worker, in the constructor. The actor runs two calls at a time (``max_concurrency=2``,
+Models load once per worker, in the constructor. A GPU worker runs two calls at a time (``max_concurrency=2``,
 the driver keeps two cases in flight per worker) and only the network pass holds the lock, so one case is
-read (and checksummed) or written while the other is in inference.
+read (and checksummed) or written while the other is in inference; a CPU worker takes one case at a time
+(``cluster.cases_in_flight``).
 """
 
 from __future__ import annotations
