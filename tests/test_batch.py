@@ -327,7 +327,10 @@ def test_resume_after_sigkill_and_ctrl_c_processes_each_case_once(manifest, two_
     # second run: Ctrl-C (SIGINT) after one more case: a clean stop, exit code 130, tables not written. One worker
     # (one case at a time), so that cases are still to do when the signal comes
     assert len(_records(ledger)) <= 7  # the killed run's workers may have finished the cases they held
-    driver = subprocess.Popen(_batch_cmd(manifest, out, demo_weights, "--quiet", workers=1))
+    # Ctrl-C as a terminal sends it: SIGINT handled as by default even when this suite runs as a background job
+    # (a non-interactive shell starts those with SIGINT ignored, and children inherit that)
+    driver = subprocess.Popen(_batch_cmd(manifest, out, demo_weights, "--quiet", workers=1),
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         seen = _wait_for_records(driver, ledger, len(kept) + 1)
         leftovers = _kill_driver(driver, signal.SIGINT)
