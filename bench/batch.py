@@ -232,6 +232,10 @@ def main(argv=None) -> int:
                     help="configurations to run; with fewer than all, they replace theirs in an existing --out")
     args = ap.parse_args(argv)
     parts = tuple(args.parts.split(","))
+    if set(parts) - set(PARTS):
+        ap.error(f"--parts: unknown {sorted(set(parts) - set(PARTS))}; choose from {','.join(PARTS)}")
+    if set(parts) != set(PARTS) and not (args.out and args.out.is_file()):
+        ap.error("--parts with fewer than all configurations needs an existing --out to merge into")
     with tempfile.TemporaryDirectory(prefix="mra-bench-batch-") as tmp:
         res = bench(args.cases, args.cli_cases or args.cases, tuple(args.generators), args.weights.resolve(),
                     Path(tmp), parts)

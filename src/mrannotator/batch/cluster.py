@@ -16,17 +16,18 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import MRAnnotatorError
+from .inputs import serial_map
 from .worker import SegmentWorker
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
 # cases a worker holds at once: on a GPU worker one is read or written while the other is in inference; on a CPU
 # worker that overlap slowed the network pass more than it saved (bench/README.md: 5.33 vs 4.93 s per case)
 CASES_IN_FLIGHT_GPU, CASES_IN_FLIGHT_CPU = 2, 1
+SCAN_UNITS_PER_TASK = 8  # DICOM study folders scanned by one Ray task when a batch is planned
 
 
 def cases_in_flight(gpus_per_worker: float) -> int:
     return CASES_IN_FLIGHT_GPU if gpus_per_worker > 0 else CASES_IN_FLIGHT_CPU
-SCAN_UNITS_PER_TASK = 8  # DICOM study folders scanned by one Ray task when a batch is planned
 
 
 @dataclass
@@ -80,19 +81,15 @@ def connect(address: str | None = None) -> RaySession:
     return RaySession(started_here=True, connected_here=False)
 
 
-def _run_chunk(func, items: list[tuple]) -> list:
-    return [func(*args) for args in items]
-
-
 def ray_map(func, items: list[tuple], per_task: int = SCAN_UNITS_PER_TASK) -> list:
     """``[func(*args) for args in items]``, computed by Ray tasks of ``per_task`` items each, anywhere in the
     cluster (1 CPU each); serial in this process when there are too few items to be worth a task."""
     items = list(items)
     if len(items) <= per_task:
-        return _run_chunk(func, items)
+        return serial_map(func, items)
     import ray
 
-    task = ray.remote(num_cpus=1, max_retries=2)(_run_chunk)
+    task = ray.remote(num_cpus=1, max_retries=2)(serial_map)
     refs = [task.remote(func, items[i:i + per_task]) for i in range(0, len(items), per_task)]
     return [r for chunk in ray.get(refs) for r in chunk]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..errors import MRAnnotatorError
 from ..weights import load_weights
 from .cluster import SCAN_UNITS_PER_TASK, cases_in_flight, connect, default_workers, ray_map, start_workers
-from .inputs import Case, plan_inputs, serial_map
+from .inputs import Case, plan_inputs
 from .ledger import Ledger, finished_cases, remove_stale_temporaries, same_key, weights_version
 from .tables import write_tables
 
@@ -41,7 +41,6 @@ class BatchSummary:
     seconds: float
     nodes: dict[str, int] = field(default_factory=dict)  # node id -> cases this run processed there
     tables: dict[str, Path] = field(default_factory=dict)
-    plan_seconds: float = 0.0  # finding the cases (DICOM headers read), before any is segmented
 
 
 def run_batch(source: str | Path, out_dir: str | Path, *, address: str | None = None, workers: int | None = None,
@@ -78,10 +77,10 @@ class _LazySession:
         return self.session
 
     def scan_map(self, func, items: list[tuple]) -> list:
-        """Planning's map: a DICOM tree of more study folders than one task takes is scanned by Ray tasks."""
-        if len(items) <= SCAN_UNITS_PER_TASK:
-            return serial_map(func, items)
-        self.get()
+        """Planning's map: a DICOM tree of more study folders than one task takes is scanned by Ray tasks
+        (``ray_map`` scans fewer in this process, so Ray is started only for more)."""
+        if len(items) > SCAN_UNITS_PER_TASK:
+            self.get()
         return ray_map(func, items)
 
     def close(self) -> None:
@@ -92,9 +91,7 @@ class _LazySession:
 def _run(source, out: Path, ray_session: _LazySession, t0: float, *, workers, gpus_per_worker, threads_per_worker,
          regions, fast, retry, quiet, preview, weights, worker_resources, on_record) -> BatchSummary:
     resolved = load_weights(weights)  # a weights problem stops here, before any worker starts
-    t_plan = time.perf_counter()
     plan = plan_inputs(source, regions, map_fn=ray_session.scan_map)
-    plan_seconds = time.perf_counter() - t_plan
     mode = "fast" if fast else "exact"
     version = weights_version(resolved)
     run = {"run": f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}",
@@ -124,8 +121,7 @@ def _run(source, out: Path, ray_session: _LazySession, t0: float, *, workers, gp
     failed = sum(r.get("status") != "done" for r in current) + len(plan.skipped)
     return BatchSummary(out, len(plan.cases), len(done_before), stats["processed"], failed, stats["retried"],
                         n_workers, time.perf_counter() - t0,
-                        {k[5:]: v for k, v in stats.items() if k.startswith("node:")}, tables,
-                        round(plan_seconds, 3))
+                        {k[5:]: v for k, v in stats.items() if k.startswith("node:")}, tables)
 
 
 def _process(todo: list[Case], total: int, already: int, ledger: Ledger, run: dict, worker_args: dict, *,
