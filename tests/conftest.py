@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,28 @@ def segmenter(demo_weights):
     from mrannotator import Segmenter
 
     return Segmenter(weights=demo_weights, device="cpu")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "unit: engine and library tests, no server")
+    config.addinivalue_line("markers", "server: starts a real MONAI Label server on 127.0.0.1")
+    config.addinivalue_line("markers", "pacs: starts a real Orthanc on 127.0.0.1")
+    config.addinivalue_line("markers", "browser: drives Debian's chromium through Playwright")
+    config.addinivalue_line("markers", "cluster: starts Ray (local or `ray start` nodes)")
+    config.addinivalue_line("markers", "study: an annotation study or benchmark-sized run")
+
+
+def ci_forbids_skips() -> bool:
+    """In CI (``CI`` set, as CI runs ``.ci/run``) a skipped test is a missing component, which is an
+    install bug: it fails the run instead of hiding a whole feature."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and ci_forbids_skips() and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI (CI is set, so a skip is an install bug): {reason}"

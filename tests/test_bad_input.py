@@ -227,7 +227,7 @@ def test_on_a_network_bind_without_auth_destructive_routes_are_refused():
 
 def test_upstream_behaviour_the_adapter_answers_for(tmp_path):
     """MONAI Label 0.8.5 as the adapter found it; a failure here means upstream changed and the matching
-    fix in lib/monailabel_adapter.py should be revisited."""
+    fix in lib/monailabel_adapter/ should be revisited."""
     import inspect
     import os
 

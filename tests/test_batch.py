@@ -23,10 +23,9 @@ import pytest
 
 # a local Ray publishes its services on loopback only when this is set before ray is imported
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'ray[data]==2.60.0'); batch needs it")
-
 import psutil  # noqa: E402
 import pydicom  # noqa: E402
+import ray  # noqa: E402  (required dependency: a missing Ray is an install bug, not a skip)
 from dicom_fixtures import write_series  # noqa: E402
 
 from mrannotator.batch import load_region_keywords, plan_inputs, run_batch  # noqa: E402

@@ -398,7 +398,7 @@ def test_a_seg_with_an_unknown_code_is_refused_with_a_clear_message(server, pacs
 
 # ------------------------------------------------------------------------------------- OHIF / proxy fixes
 def test_ohif_nested_assets_are_served_upstream_still_answers_index_html(server):
-    from lib import ohif_fixes
+    from lib.monailabel_adapter import ohif as ohif_fixes
     from monailabel.endpoints import ohif
 
     asset = "assets/android-chrome-192x192.png"

@@ -8,7 +8,7 @@
 - strategies ``random``, ``first``, ``uncertainty`` (lib/activelearning); scoring ``dice`` (lib/scoring)
 - every image id, label, tag and model name is checked before MONAI Label acts on it
   (lib/datastore.py and :meth:`MRAnnotatorApp.infer`): bad input gets a 4xx with a message.
-- in the server process, lib/monailabel_adapter.py fixes MONAI Label 0.8.5's server: working token
+- in the server process, lib/monailabel_adapter/ fixes MONAI Label 0.8.5's server: working token
   auth with roles per route, loopback bind without auth, per-request upload folders removed when the
   request ends, 4xx instead of 500 / 200-then-ERROR.
 """
@@ -20,12 +20,13 @@ import os
 from pathlib import Path
 
 from fastapi import HTTPException
-from lib import monailabel_adapter, ohif_fixes
-from lib.concurrency import RoutePools, offload_blocking_routes
+from lib import monailabel_adapter
 from lib.configs.mrannotator import MRAnnotatorConfig
 from lib.datastore import MRAnnotatorDatastore, check_name
 from lib.dicomweb_datastore import MRAnnotatorDICOMwebDatastore, dicomweb_datastore
 from lib.errors import bad_request, not_found, server_error
+from lib.monailabel_adapter import ohif as ohif_fixes
+from lib.monailabel_adapter.concurrency import RoutePools, offload_blocking_routes
 from lib.service import CONF_OPTIONS, AppSettings, ModelService
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp

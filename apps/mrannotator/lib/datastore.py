@@ -76,7 +76,7 @@ def read_volume(path: str | Path, what: str) -> nib.Nifti1Image:
 
 
 class MRAnnotatorDatastore(LocalDatastore):
-    """Thread-safe: requests now run in worker threads (lib/concurrency.py), and LocalDatastore mutates
+    """Thread-safe: requests run in worker threads (lib/monailabel_adapter/concurrency.py); LocalDatastore mutates
     its in-memory index and rewrites datastore.json without a lock of its own for the process."""
 
     def __init__(self, *args, allowed_label_ids: Callable[[], Iterable[int]], **kwargs):
