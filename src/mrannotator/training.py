@@ -76,11 +76,11 @@ def plan_run(models, cases: Sequence[Case]) -> list[tuple[object, list[Case]]]:
     """(region model, its cases) for every model with a structure in at least one label."""
     if not cases:
         raise FinetuneError("no image has a final label yet: submit labels first")
-    present = {c.label: set(np.unique(np.asanyarray(load_image(c.label).dataobj)).tolist()) for c in cases}
+    present = [set(np.unique(np.asanyarray(load_image(c.labels).dataobj)).tolist()) for c in cases]
     plan = []
     for model in models:
         ids = {s.id for s in model.structures.values()}
-        mine = [c for c in cases if ids & present[c.label]]
+        mine = [c for c, found in zip(cases, present, strict=True) if ids & found]
         if mine:
             plan.append((model, mine))
     if not plan:
