@@ -10,7 +10,8 @@ form (``{"public_key": ...}``, one key, no ``kid``) is read when the realm serve
 - Keys the realm stops listing are kept ``retain_s`` more, so that tokens signed before a rotation stay
   valid until they expire; a key the realm lists but serves unreadable is "broken": tokens signed with it
   get 503 (the realm is misconfigured, not the token forged), other keys keep working.
-- Single flight: one fetch at a time per realm; a fetch at most every ``min_refresh_s`` after a success.
+- Single flight: one fetch at a time per realm; a fetch at most every ``min_refresh_s`` after a success
+  (a ``kid`` still unknown then gets 503: the client may retry).
 """
 
 from __future__ import annotations
