@@ -74,6 +74,7 @@ class Holder(threading.Thread):
         self.closed = {"idle": 0, "slowloris": 0}
         self.answers: dict[str, int] = {}
         self.failed_connects = 0
+        self.reopened = 0
 
     def _open(self, kind: str) -> None:
         try:
@@ -92,7 +93,8 @@ class Holder(threading.Thread):
 
     def run(self) -> None:
         missing: list[str] = []
-        last_drip = time.monotonic()
+        last_drip = last_reopen = time.monotonic()
+        allowance = 0.0  # token bucket: at most reopen_rate re-opened sockets per second
         while not self.stop.is_set():
             for key, _ in self.sel.select(timeout=0.2):
                 try:
@@ -107,10 +109,13 @@ class Holder(threading.Thread):
                     missing.append(key.data)
                     self.sel.unregister(key.fileobj)
                     key.fileobj.close()
-            budget = int(self.reopen_rate * 0.2) or 1
-            while missing and budget:
+            now = time.monotonic()
+            allowance = min(self.reopen_rate, allowance + (now - last_reopen) * self.reopen_rate)
+            last_reopen = now
+            while missing and allowance >= 1:
                 self._open(missing.pop())
-                budget -= 1
+                self.reopened += 1
+                allowance -= 1
             if time.monotonic() - last_drip >= 1.0:  # one more header line on every slowloris socket
                 last_drip = time.monotonic()
                 for key in list(self.sel.get_map().values()):
@@ -138,7 +143,7 @@ def measure(url: str, pid: int, holder: Holder, requests_n: int, interval: float
     for _ in range(requests_n):
         t0 = time.monotonic()
         try:
-            r = requests.get(f"{url}/info/", timeout=30)
+            r = requests.get(f"{url}/info/", timeout=10)
             if r.status_code != 200:
                 errors.append(r.status_code)
         except requests.RequestException as e:
@@ -201,6 +206,7 @@ def main(argv=None) -> int:
                                                         round(statistics.median(closes), 2),
                                                         "max": round(max(closes), 2)} if closes else None},
               "held": {"opened_in_s": round(opened_s, 2), "failed_connects": holder.failed_connects,
+                       "reopened": holder.reopened,
                        "closed_by_server": holder.closed, "answers_seen": holder.answers, **loaded}}
     print(json.dumps(report, indent=2))
     return 0
