@@ -31,7 +31,7 @@ from mrannotator.phantoms import make_phantom
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
 
-FETCH_BOUND_S = 3.0
+FETCH_BOUND_S = 3.0  # the issue's bound for the one request that waits (the server's fetch cap: 2.5 s)
 SLACK_S = 0.8  # a shared 2-core machine
 IDLE_S, HEADER_S, BODY_S, MAX_CONNECTIONS = 2, 3, 3, 40
 RETRY_S, MIN_REFRESH_S = 2, 1  # the server's negative cache and rate limit on key fetches
@@ -98,7 +98,7 @@ def test_hanging_realm_costs_one_bounded_wait_to_one_request(server, realm):
     print(f"new-key token on a hanging realm: {status} after {waited:.2f} s; cached-key requests meanwhile: "
           f"{len(others)}, slowest {max(t for _, t in others):.2f} s")
     assert status == 503 and r.headers.get("retry-after") and "identity provider" in r.json()["detail"]
-    assert waited <= FETCH_BOUND_S + SLACK_S
+    assert waited <= FETCH_BOUND_S + SLACK_S, waited
     assert len(others) >= 5 and {s for s, _ in others} == {200}
     assert max(t for _, t in others) < 1.0, others  # nothing else waited for the realm
     # the failure is remembered: more new-key and forged tokens are answered at once, with no fetch
@@ -168,6 +168,32 @@ def test_realm_url_public_key_still_read(monkeypatch):
             auth.verify_token(legacy.token("user", key=new_key()))
     finally:
         legacy.stop()
+
+
+def test_dropped_key_is_kept_only_for_the_retention_time(monkeypatch):
+    """In-process: after a hard rotation the old key verifies tokens for MRANNOTATOR_AUTH_KEY_RETAIN_S only."""
+    import sys
+
+    sys.path.insert(0, str(APP_DIR))
+    from lib.monailabel_adapter import auth
+    from monailabel.config import settings
+
+    realm = Realm()  # a realm of its own: its key cache is created with the settings below
+    try:
+        monkeypatch.setenv("MRANNOTATOR_AUTH_KEY_RETAIN_S", "1.5")
+        monkeypatch.setenv("MRANNOTATOR_AUTH_KEY_MIN_REFRESH_S", "0")
+        monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_REALM_URI", realm.url)
+        monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_CLIENT_ID", CLIENT_ID)
+        old = realm.token("user")
+        assert auth.verify_token(old)["sub"] == "user-id"
+        realm.rotate("k2", drop_old=True)
+        assert auth.verify_token(realm.token("user"))["sub"] == "user-id"  # fetched: k1 now retired
+        assert auth.verify_token(old)["sub"] == "user-id"
+        time.sleep(1.6)
+        with pytest.raises(jwt.InvalidTokenError, match="does not list"):
+            auth.verify_token(old)
+    finally:
+        realm.stop()
 
 
 # ---------------------------------------------------------------------------------------------- HTTP

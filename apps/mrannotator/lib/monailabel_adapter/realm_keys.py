@@ -28,7 +28,7 @@ import requests
 
 logger = logging.getLogger(__name__)
 
-FETCH_TIMEOUT_S = 3.0  # the most one request can wait for the realm
+FETCH_TIMEOUT_S = 2.5  # the most one request waits for the realm (all of its answer, so < 3 s in all)
 _SIGNING_ALGORITHMS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 LEGACY = ""  # the key id used for the realm URL's single public key (tokens without ``kid``)
 
@@ -66,7 +66,7 @@ class KeyPolicy:
     @classmethod
     def from_env(cls, auth_timeout_s: float) -> KeyPolicy:
         """``MRANNOTATOR_AUTH_KEY_{TTL,RETRY,MIN_REFRESH,RETAIN}_S``; the fetch timeout is
-        MONAI_LABEL_AUTH_TIMEOUT, at most 3 s."""
+        MONAI_LABEL_AUTH_TIMEOUT, at most 2.5 s."""
         return cls(timeout_s=min(float(auth_timeout_s), FETCH_TIMEOUT_S),
                    ttl_s=_env_seconds("MRANNOTATOR_AUTH_KEY_TTL_S", cls.ttl_s),
                    retry_s=_env_seconds("MRANNOTATOR_AUTH_KEY_RETRY_S", cls.retry_s),
