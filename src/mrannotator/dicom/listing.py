@@ -4,7 +4,7 @@ GDCM's directory scan stops at the first dangling symlink or symlink loop and re
 series without an error. Here every entry is looked at on its own: dangling symlinks, symlink loops
 (a link to itself, or a folder link back to a folder already listed), unreadable entries and second
 paths to a file already listed are skipped with the reason, and the listing goes on. A DICOMDIR given
-as the input is followed: the files it lists (pydicom's FileSet), those missing skipped with the reason.
+as the input is followed: the files its records reference, those missing skipped with the reason.
 """
 
 from __future__ import annotations
@@ -29,17 +29,23 @@ def is_dicomdir(path: Path) -> bool:
 
 
 def dicomdir_files(path: Path) -> tuple[list[Path], list[Skipped]]:
-    """(the files a DICOMDIR lists that exist, (path, reason) of those that do not), in its record order."""
+    """(the files a DICOMDIR's records reference that exist, (path, reason) of those that do not), in record order.
+
+    Read from its Directory Record Sequence (ReferencedFileID, relative to the DICOMDIR's folder): pydicom's
+    FileSet drops a record whose file is missing with only a warning, and a missing file must be named.
+    """
     import pydicom
-    from pydicom.fileset import FileSet
 
     try:
-        instances = list(FileSet(pydicom.dcmread(path)))
+        records = pydicom.dcmread(path).DirectoryRecordSequence
     except Exception as e:  # a damaged DICOMDIR: named, nothing listed
         return [], [(path, f"unreadable DICOMDIR ({type(e).__name__}: {e})")]
     files, skipped = [], []
-    for instance in instances:
-        file = Path(instance.path)
+    for record in records:
+        parts = record.get("ReferencedFileID")
+        if not parts:
+            continue  # a patient, study or series record
+        file = path.parent.joinpath(*([parts] if isinstance(parts, str) else list(parts)))
         if file.is_file():
             files.append(file)
         else:
