@@ -241,3 +241,148 @@ def test_a_dicomdir_given_as_input_is_followed(tmp_path):
     scan = find_series(dicomdir)
     assert (listed[0], "listed in the DICOMDIR, not found") in scan.skipped
     assert scan.rejected[0].reason.startswith("InstanceNumber 1 missing")
+
+
+# ------------------------------------------------------------------ CLI, MAP and batch agree
+# segmented: each quirk once, several in one series to keep the MAP runs few; the stacks hold different
+# anatomy (phantom seeds), so a wrong choice of stack changes the labels
+SEGMENTED = {  # name: (stack given, phantom seed of the stack that must be segmented)
+    "jitter_mono1_echo2_dicomdir": ("echo=2", 8),
+    "dynamic_time3": ("time=3", 9),
+    "diffusion_default_b0": (None, 8),
+}
+REFUSED = {  # name: (stack given, the reason every face gives)
+    "missing_first": (None, "InstanceNumber 1 missing: the first slice(s) are not in the input"),
+    "missing_last": (None, "InstanceNumber 28..28 missing: ImagesInAcquisition is 28"),
+    "duplicate": (None, "duplicated slice: instances 5 and 5"),
+    "mosaic": (None, "Siemens MOSAIC (16 slices tiled in each image)"),
+    "colour": (None, "PhotometricInterpretation RGB: MRAnnotator reads greyscale MR"),
+    "unknown_stack": ("time=4", "stack time=4 is not in this series; its stacks: time=1, time=2, time=3"),
+}
+
+
+def seeded(seed: int, orientation: str = "axial") -> nib.Nifti1Image:
+    return make_phantom("abdomen", seed=seed, orientation=orientation).image
+
+
+def build_case(name: str, root: Path) -> Path:
+    """The input of one case: a DICOM folder, or the DICOMDIR of a media export."""
+    folder = root / name
+    if name == "jitter_mono1_echo2_dicomdir":
+        uids = {k: pydicom.uid.generate_uid() for k in ("study_instance_uid", "series_instance_uid",
+                                                        "frame_of_reference_uid")}
+        files = []
+        for n, (te, seed) in enumerate((("30", 8), ("10", 7))):
+            files += write_series(seeded(seed, "oblique"), root / "export", prefix=f"echo{n}", iop_jitter=1e-8,
+                                  photometric="MONOCHROME1", headers={"EchoTime": te}, first_instance_number=1 + 28 * n,
+                                  **uids)
+        return make_dicomdir(files, folder)
+    if name == "dynamic_time3":
+        multi_stack(folder, [({"TemporalPositionIdentifier": t}, seeded(6 + t)) for t in (1, 2, 3)])
+    elif name == "unknown_stack":
+        multi_stack(folder, [({"TemporalPositionIdentifier": t}, seeded(7)) for t in (1, 2, 3)])
+    elif name == "diffusion_default_b0":
+        multi_stack(folder, [({"DiffusionBValue": 1000}, seeded(7)), ({"DiffusionBValue": 0}, seeded(8))])
+    elif name in ("missing_first", "missing_last"):
+        files = write_series(seeded(7), folder, headers={"ImagesInAcquisition": 28})
+        (files[0] if name == "missing_first" else files[-1]).unlink()
+    elif name == "duplicate":
+        files = write_series(seeded(7), folder)
+        ds = pydicom.dcmread(files[4])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(folder / "copy_of_5.dcm")
+    elif name == "mosaic":
+        data = voxels(seeded(7))
+        files = write_series(nib.Nifti1Image(np.tile(data[:, :, :1], (1, 1, 3)), seeded(7).affine), folder,
+                             image_type=("ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"))
+        edit_files(files, siemens_private(0x0A, "US", 16))
+    elif name == "colour":
+        edit_files(write_series(seeded(7), folder), lambda ds: setattr(ds, "PhotometricInterpretation", "RGB"))
+    return folder
+
+
+def run_cli(source: Path, out: Path, weights: Path, stack: str | None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mrannotator.cli", "segment", "-i", str(source), "-o", str(out),
+           "--weights", str(weights), "--device", "cpu"] + (["--stack", stack] if stack else [])
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def run_map(source: Path, out: Path, weights: Path, stack: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in HOLOSCAN_VARS and k != "MRANNOTATOR_STACK"}
+    env.update({"MRANNOTATOR_DEVICE": "cpu", **({"MRANNOTATOR_STACK": stack} if stack else {})})
+    cmd = [sys.executable, str(ROOT / "operators"), "-i", str(source), "-o", str(out), "-m", str(weights)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def batch_read(source: Path, stack: str | None) -> nib.Nifti1Image:
+    """The batch path: planning (default stack) and the worker's read, or the public function with ``stack``."""
+    from mrannotator.batch.inputs import plan_inputs
+    from mrannotator.batch.worker import read_case
+    from mrannotator.imageio import load_image
+
+    if stack is None:
+        plan = plan_inputs(source)
+        assert len(plan.cases) == 1, plan
+        return read_case(plan.cases[0])
+    series = find_series(source, stack=stack).choose()
+    return load_image(load_series(series))
+
+
+@pytest.fixture(scope="module")
+def abdomen_weights(demo_weights, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("weights")
+    shutil.copytree(demo_weights / "Dataset001_Abdomen", root / "Dataset001_Abdomen")
+    return root
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("quirks")
+    return {name: build_case(name, root) for name in (*SEGMENTED, *REFUSED)}
+
+
+def test_every_refusal_is_the_same_in_cli_map_and_batch_and_the_map_refuses_before_its_heavy_imports(
+        inputs, abdomen_weights, tmp_path):
+    from mrannotator.batch.inputs import plan_inputs
+
+    for name, (stack, reason) in REFUSED.items():
+        cli = run_cli(inputs[name], tmp_path / "cli" / name, abdomen_weights, stack)
+        app = run_map(inputs[name], tmp_path / "map" / name, abdomen_weights, stack)
+        for r in (cli, app):
+            assert r.returncode == 2 and reason in r.stderr and "Traceback" not in r.stderr, (name, r.stderr[-3000:])
+        error = cli.stderr[cli.stderr.index("mrannotator: error:"):]
+        assert app.stderr.endswith(error), (name, app.stderr[-3000:])  # the same message, word for word
+        assert "gxf_executor" not in app.stdout + app.stderr and "loading models" not in cli.stderr
+        assert not (tmp_path / "map" / name).exists() or not any((tmp_path / "map" / name).iterdir())
+        if stack is None:  # batch: a skipped series with the same reason
+            plan = plan_inputs(inputs[name])
+            assert not plan.cases and any(reason in s.error for s in plan.skipped), (name, plan.skipped)
+        else:
+            with pytest.raises(InputError, match=reason):
+                find_series(inputs[name], stack=stack).choose()
+
+
+@pytest.mark.parametrize("name", SEGMENTED)
+def test_cli_map_and_batch_segment_each_quirk_voxel_for_voxel(name, inputs, abdomen_weights, tmp_path):
+    import mrannotator
+
+    stack, seed = SEGMENTED[name]
+    cli = run_cli(inputs[name], tmp_path / "cli", abdomen_weights, stack)
+    app = run_map(inputs[name], tmp_path / "map", abdomen_weights, stack)
+    for r in (cli, app):
+        assert r.returncode == 0, r.stderr[-4000:]
+    case = inputs[name].name if inputs[name].is_dir() else "DICOMDIR"
+    from_cli = nib.load(tmp_path / "cli" / f"{case}_seg.nii.gz")
+    from_map = nib.load(tmp_path / "map" / LABELS_FILE)
+    segmenter = mrannotator.Segmenter(weights=abdomen_weights, device="cpu")
+    from_batch = segmenter.segment(batch_read(inputs[name], stack)).labels
+    assert len(np.unique(voxels(from_cli))) > 3, "the model found (almost) nothing: nothing compared"
+    for other in (from_map, from_batch):
+        assert np.allclose(other.affine, from_cli.affine, atol=1e-6)
+        assert int((voxels(other) != voxels(from_cli)).sum()) == 0
+    # the stack asked for was segmented: the labels of that stack's own phantom, segmented from NIfTI
+    orientation = "oblique" if "jitter" in name else "axial"
+    from_nifti = segmenter.segment(seeded(seed, orientation)).labels
+    assert same_in_space(from_map, from_nifti) or (
+        orientation == "oblique" and np.array_equal(voxels(from_map), voxels(from_nifti)))
+    assert (tmp_path / "map" / SEG_FILE).is_file()  # the SEG written, orientation jitter and all
