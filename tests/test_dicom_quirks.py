@@ -336,6 +336,13 @@ def abdomen_weights(demo_weights, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def segmenter(abdomen_weights):
+    import mrannotator
+
+    return mrannotator.Segmenter(weights=abdomen_weights, device="cpu")
+
+
+@pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("quirks")
     return {name: build_case(name, root) for name in (*SEGMENTED, *REFUSED)}
@@ -363,9 +370,7 @@ def test_every_refusal_is_the_same_in_cli_map_and_batch_and_the_map_refuses_befo
 
 
 @pytest.mark.parametrize("name", SEGMENTED)
-def test_cli_map_and_batch_segment_each_quirk_voxel_for_voxel(name, inputs, abdomen_weights, tmp_path):
-    import mrannotator
-
+def test_cli_map_and_batch_segment_each_quirk_voxel_for_voxel(name, inputs, abdomen_weights, segmenter, tmp_path):
     stack, seed = SEGMENTED[name]
     cli = run_cli(inputs[name], tmp_path / "cli", abdomen_weights, stack)
     app = run_map(inputs[name], tmp_path / "map", abdomen_weights, stack)
@@ -374,7 +379,6 @@ def test_cli_map_and_batch_segment_each_quirk_voxel_for_voxel(name, inputs, abdo
     case = inputs[name].name if inputs[name].is_dir() else "DICOMDIR"
     from_cli = nib.load(tmp_path / "cli" / f"{case}_seg.nii.gz")
     from_map = nib.load(tmp_path / "map" / LABELS_FILE)
-    segmenter = mrannotator.Segmenter(weights=abdomen_weights, device="cpu")
     from_batch = segmenter.segment(batch_read(inputs[name], stack)).labels
     assert len(np.unique(voxels(from_cli))) > 3, "the model found (almost) nothing: nothing compared"
     for other in (from_map, from_batch):
