@@ -222,6 +222,15 @@ def test_a_duplicated_slice_is_named_as_such(tmp_path):
     assert "multi-echo" not in reason
 
 
+def test_a_series_of_several_planes_is_named_for_its_orientations_not_as_stacks(tmp_path):
+    uids = {k: pydicom.uid.generate_uid() for k in ("study_instance_uid", "series_instance_uid",
+                                                    "frame_of_reference_uid")}
+    for plane in ("axial", "sagittal", "coronal"):
+        write_series(image_of(plane), tmp_path, prefix=plane, series_description="T2 planes", **uids)
+    assert reason_of(tmp_path) == ("not one 3D stack: the series mixes slice orientations (e.g. a 3-plane "
+                                   "localizer); not one 3D stack")
+
+
 def test_siemens_mosaic_is_refused_naming_mosaic(tmp_path):
     data = voxels(image_of())
     mosaic = nib.Nifti1Image(np.tile(data[:, :, :1], (1, 1, 3)), image_of().affine)  # 3 time points, one "slice"

@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from ..errors import InputError
-from .geometry import POS_TOL_MM, StackError, header_vector, slice_axes
+from .geometry import COS_TOL, POS_TOL_MM, StackError, header_vector, slice_axes
 
 DIMENSIONS = ("echo", "b", "time", "acquisition")
 _NAMES = {"echo": "EchoTime", "b": "b-value", "time": "TemporalPositionIdentifier",
@@ -125,7 +125,9 @@ def _duplicate_message(datasets, positions) -> str:
 def split_stacks(datasets: Sequence[Dataset]) -> list[Stack]:
     """The 3D stacks of one series, default first; :class:`StackError` naming a duplicated slice."""
     positions = _positions(datasets)
-    if len(set(positions)) == len(positions):
+    iop = header_vector(datasets[0], "ImageOrientationPatient", 6)
+    parallel = all(np.allclose(header_vector(ds, "ImageOrientationPatient", 6), iop, atol=COS_TOL) for ds in datasets)
+    if len(set(positions)) == len(positions) or not parallel:  # stack_geometry names mixed orientations
         return [Stack("", tuple(range(len(datasets))))]
     varying = [d for d in DIMENSIONS if len({dimension_value(ds, d) for ds in datasets}) > 1]
     for dims in ([d for d in varying if d != "acquisition"], varying):
