@@ -193,6 +193,22 @@ def test_diffusion_b_values_are_stacks_b0_by_default_standard_and_siemens_privat
     assert same_in_space(read_dicom(tmp_path / "siemens", stack="b=800"), scaled(image, 1, 3))
 
 
+def test_repeated_volumes_no_header_tells_apart_are_stacks_by_instance_number(tmp_path):
+    """As GE writes fMRI (no TemporalPositionIdentifier) and the directions of one b-value: the n-th instance
+    (by InstanceNumber) at each position is volume n."""
+    image = image_of()
+    multi_stack(tmp_path / "fmri", [({}, scaled(image, t)) for t in (1, 2, 3)])
+    series = find_series(tmp_path / "fmri").series[0]
+    assert series.stacks == ("volume=1", "volume=2", "volume=3") and series.stack == "volume=1"
+    assert same_in_space(read_dicom(tmp_path / "fmri", stack="volume=2"), scaled(image, 2))
+    dwi = [({"DiffusionBValue": 0}, image), ({"DiffusionBValue": 1000}, scaled(image, 1, 2)),
+           ({"DiffusionBValue": 1000}, scaled(image, 1, 3))]  # two gradient directions at b=1000
+    multi_stack(tmp_path / "dwi", dwi)
+    assert find_series(tmp_path / "dwi").series[0].stacks == ("b=0", "b=1000,volume=1", "b=1000,volume=2")
+    assert same_in_space(read_dicom(tmp_path / "dwi", stack="b=1000"), scaled(image, 1, 2))
+    assert same_in_space(read_dicom(tmp_path / "dwi", stack="b=1000,volume=2"), scaled(image, 1, 3))
+
+
 def test_time_points_are_stacks_numbered_per_stack_or_per_series(tmp_path):
     image = image_of()
     for per_stack in (False, True):

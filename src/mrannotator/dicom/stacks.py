@@ -8,12 +8,15 @@ number 2D acquisitions per slice):
     b=VALUE         DiffusionBValue (or Siemens' / GE's private b-value when the standard one is absent)
     time=N          TemporalPositionIdentifier
     acquisition=N   AcquisitionNumber
+    volume=N        N-th repetition of the positions by InstanceNumber, where no header above tells repeated
+                    volumes apart (GE fMRI; diffusion directions of one b-value: ``b=1000,volume=3``)
 
 Each stack is a candidate named by its key (``echo=2``, ``b=1000``, ``echo=1,time=3``). The default is the
 first stack: first echo, lowest b-value (b=0), first time point, first acquisition. ``--stack KEY`` (CLI),
 ``MRANNOTATOR_STACK`` (MAP), ``stack=`` (API, batch, datastore) picks another; a key may name only some of
-the series' dimensions (the others take their first value). Two instances at one position with the same
-values everywhere are a duplicated slice, refused as such.
+the series' dimensions (the others take their first value). Two instances at one position that nothing
+tells apart (the same values and InstanceNumber, or a position held more often than the others) are a
+duplicated slice, refused as such.
 
 A stack's InstanceNumbers must start at 1 (and reach ImagesInAcquisition where it is written): a missing
 first or last slice cannot be seen from the positions. ``ignore_instance_gaps`` (``--ignore-instance-gaps``,
@@ -98,28 +101,42 @@ def _key_text(dims: Sequence[str], values: tuple, ranks: dict) -> tuple[str, tup
     return ",".join(parts), tuple(named)
 
 
-def _group(datasets, positions, dims) -> dict[tuple, list[int]] | None:
-    """Indices grouped by the values of ``dims``; None when a group still holds one position twice."""
+def _group(datasets, dims) -> dict[tuple, list[int]]:
+    """Indices grouped by the values of ``dims``."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, ds in enumerate(datasets):
         groups[tuple(dimension_value(ds, d) for d in dims)].append(i)
-    if all(len({positions[i] for i in g}) == len(g) for g in groups.values()):
-        return groups
-    return None
+    return groups
+
+
+def _one_position_each(groups: dict[tuple, list[int]], positions: list[int]) -> bool:
+    return all(len({positions[i] for i in g}) == len(g) for g in groups.values())
+
+
+def _volumes(group: list[int], datasets, positions) -> list[list[int]] | None:
+    """A group repeating every position equally often, split by InstanceNumber at each position (volume 1 =
+    the lowest numbers); None when it is not that (a position more often than others, numbers repeated)."""
+    at: dict[int, list[int]] = defaultdict(list)
+    for i in group:
+        at[positions[i]].append(i)
+    numbers = [_number(datasets[i].get("InstanceNumber")) for i in group]
+    if len({len(v) for v in at.values()}) != 1 or None in numbers or len(set(numbers)) != len(numbers):
+        return None
+    ordered = [sorted(v, key=lambda i: _number(datasets[i].get("InstanceNumber"))) for v in at.values()]
+    return [[at_position[n] for at_position in ordered] for n in range(len(ordered[0]))]
 
 
 def _duplicate_message(datasets, positions) -> str:
-    seen: dict[tuple, int] = {}
+    seen: dict[int, int] = {}
     for i, ds in enumerate(datasets):
-        key = (positions[i], *(dimension_value(ds, d) for d in DIMENSIONS))
-        if key in seen:
-            a, b = datasets[seen[key]], ds
+        if positions[i] in seen:
+            a, b = datasets[seen[positions[i]]], ds
             return (f"duplicated slice: instances {a.get('InstanceNumber', '?')} and {b.get('InstanceNumber', '?')} "
                     f"({a.SOPInstanceUID}, {b.SOPInstanceUID}) lie at the same position "
                     f"({positions[i] * POS_TOL_MM:.3f} mm along the slice normal) with the same "
                     f"{' / '.join(_NAMES.values())}: remove the copy")
-        seen[key] = i
-    return "several slices share one position and no EchoTime / b-value / time point / acquisition tells them apart"
+        seen[positions[i]] = i
+    return "several slices share one position and nothing tells them apart"
 
 
 def split_stacks(datasets: Sequence[Dataset]) -> list[Stack]:
@@ -130,18 +147,25 @@ def split_stacks(datasets: Sequence[Dataset]) -> list[Stack]:
     if len(set(positions)) == len(positions) or not parallel:  # stack_geometry names mixed orientations
         return [Stack("", tuple(range(len(datasets))))]
     varying = [d for d in DIMENSIONS if len({dimension_value(ds, d) for ds in datasets}) > 1]
-    for dims in ([d for d in varying if d != "acquisition"], varying):
-        groups = _group(datasets, positions, dims) if dims else None
-        if groups is not None:
-            break
-    else:
-        raise StackError(_duplicate_message(datasets, positions))
+    dims = [d for d in varying if d != "acquisition"]
+    groups = _group(datasets, dims)
+    if not _one_position_each(groups, positions) and "acquisition" in varying:
+        with_acquisition = _group(datasets, varying)
+        if _one_position_each(with_acquisition, positions):
+            dims, groups = varying, with_acquisition
     echoes = {v[dims.index("echo")] for v in groups} - {None} if "echo" in dims else set()
     ranks = {"echo": {te: n for n, te in enumerate(sorted(echoes), 1)} | {None: None}}
     stacks = []
     for values, indices in groups.items():
         key, named = _key_text(dims, values, ranks)
-        stacks.append(Stack(key, tuple(indices), named))
+        if len({positions[i] for i in indices}) == len(indices):
+            stacks.append(Stack(key, tuple(indices), named))
+            continue
+        volumes = _volumes(indices, datasets, positions)
+        if volumes is None:
+            raise StackError(_duplicate_message([datasets[i] for i in indices], [positions[i] for i in indices]))
+        for n, volume in enumerate(volumes, 1):
+            stacks.append(Stack(f"{key},volume={n}".lstrip(","), tuple(volume), (*named, ("volume", float(n)))))
     return sorted(stacks, key=lambda s: [v for _, v in s.values])
 
 
@@ -152,9 +176,9 @@ def parse_stack(text: str | None) -> dict[str, float] | None:
     wanted = {}
     for part in str(text).split(","):
         dim, _, value = part.strip().partition("=")
-        if dim.strip() not in DIMENSIONS or _number(value.strip()) is None:
+        if dim.strip() not in (*DIMENSIONS, "volume") or _number(value.strip()) is None:
             raise InputError(f"stack {text!r} is not a stack key: write DIM=VALUE[,DIM=VALUE] with DIM one of "
-                             f"{', '.join(DIMENSIONS)} (e.g. echo=2, b=1000, time=3)")
+                             f"{', '.join(DIMENSIONS)}, volume (e.g. echo=2, b=1000, time=3)")
         wanted[dim.strip()] = _number(value.strip())
     return wanted
 
