@@ -159,7 +159,7 @@ def test_a_missing_end_slice_is_refused_by_instance_number_with_an_override(tmp_
     (files[0] if end == "first" else files[-1]).unlink()
     expected = ("InstanceNumber 1 missing: the first slice(s) are not in the input (instances 2..28 present)"
                 if end == "first" else
-                "InstanceNumber 28..28 missing: ImagesInAcquisition is 28, the last slice(s) are not in the input")
+                "InstanceNumber 28 missing: ImagesInAcquisition is 28, the last slice(s) are not in the input")
     reason = reason_of(tmp_path)
     assert reason.startswith(expected) and "--ignore-instance-gaps" in reason
     assert read_dicom(tmp_path, ignore_instance_gaps=True).shape == (*image.shape[:2], nz - 1)
@@ -278,7 +278,7 @@ SEGMENTED = {  # name: (stack given, phantom seed of the stack that must be segm
 }
 REFUSED = {  # name: (stack given, the reason every face gives)
     "missing_first": (None, "InstanceNumber 1 missing: the first slice(s) are not in the input"),
-    "missing_last": (None, "InstanceNumber 28..28 missing: ImagesInAcquisition is 28"),
+    "missing_last": (None, "InstanceNumber 28 missing: ImagesInAcquisition is 28"),
     "duplicate": (None, "duplicated slice: instances 5 and 5"),
     "mosaic": (None, "Siemens MOSAIC (16 slices tiled in each image)"),
     "colour": (None, "PhotometricInterpretation RGB: MRAnnotator reads greyscale MR"),

@@ -245,6 +245,7 @@ def stack_problem(stacks: list[Stack], chosen: Stack, datasets: Sequence[Dataset
                 f"(instances {first}..{last} present)")
     expected = _number(datasets[0].get("ImagesInAcquisition"))
     if expected is not None and len(stacks) == 1 and int(expected) > last:
-        return (f"InstanceNumber {last + 1}..{int(expected)} missing: ImagesInAcquisition is {int(expected)}, "
+        missing = str(last + 1) if last + 1 == int(expected) else f"{last + 1}..{int(expected)}"
+        return (f"InstanceNumber {missing} missing: ImagesInAcquisition is {int(expected)}, "
                 f"the last slice(s){where} are not in the input (instances {first}..{last} present)")
     return None
