@@ -4,8 +4,10 @@ Both are thin adapters over ``mrannotator.dicom`` (the one DICOM reader of the C
 app): the selector lists the input folder tree once (dangling symlinks, symlink loops and unreadable
 files are skipped and logged), applies the series rules (MR only, no localizer, not derived, one
 evenly spaced stack of at least MIN_SLICES slices) and picks the largest series by voxels, or the one
-MRANNOTATOR_SERIES names. Each series is sorted once, there; the loader decodes the pixels in that
-order. With no series left an InputError lists every series and the rule it failed; nothing is written.
+MRANNOTATOR_SERIES names (MRANNOTATOR_STACK / MRANNOTATOR_IGNORE_INSTANCE_GAPS as the CLI's --stack /
+--ignore-instance-gaps: :mod:`input_check`, run before the heavy imports). Each series is sorted once,
+there; the loader decodes the pixels in that order. With no series left an InputError lists every series
+and the rule it failed; nothing is written.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
+from input_check import selected
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
-from mrannotator.dicom import Series, find_series, load_series, report
+from mrannotator.dicom import Series, load_series
 
 
 @dataclass
@@ -41,9 +44,7 @@ class MRSeriesSelectorOperator(Operator):
 
     def compute(self, op_input, op_output, context):
         log = logging.getLogger(__name__)
-        scan = find_series(self.input_folder)
-        report(scan, log)
-        series = scan.choose(self.series_uid)
+        series = selected(self.input_folder, self.series_uid, log)  # checked once, before the heavy imports
         log.info(f"selected {series.description}")
         op_output.emit(series, "series")
 

@@ -144,12 +144,15 @@ def _series_dataset(modality: str, uid: dict, series_number: int, texts: dict, i
     return ds
 
 
-def _geometry_attributes(ds: Dataset, geometry, k: int, iop_decimals: int | None) -> None:
+def _geometry_attributes(ds: Dataset, geometry, k: int, iop_decimals: int | None, iop_jitter: float = 0.0) -> None:
     row_cos, col_cos, spacing, step, origin = geometry
     thickness = float(np.linalg.norm(step))
     position = origin + k * step
     ds.ImagePositionPatient = [_round(v) for v in position]
-    if iop_decimals is None:
+    if iop_jitter:  # as a real GE 3D T1 writes them: orientation strings that differ from slice to slice
+        ds.ImageOrientationPatient = [_round(v + iop_jitter * ((k + n) % 3 - 1)) for n, v in
+                                      enumerate((*row_cos, *col_cos))]
+    elif iop_decimals is None:
         ds.ImageOrientationPatient = [_round(v) for v in (*row_cos, *col_cos)]
     else:  # as many scanners write it: rounded cosines that are no longer unit vectors
         ds.ImageOrientationPatient = [f"{v:.{iop_decimals}f}" for v in (*row_cos, *col_cos)]
@@ -174,25 +177,38 @@ def write_series(
     transfer_syntax: str = uids.ExplicitVRLittleEndian,
     iop_decimals: int | None = None,
     prefix: str | None = None,
+    iop_jitter: float = 0.0,
+    photometric: str = "MONOCHROME2",
+    first_instance_number: int = 1,
+    headers: dict | None = None,
     **texts: str,
 ) -> list[Path]:
     """Write ``image`` (a path, nibabel or SimpleITK image) as a DICOM series; returns the files.
 
-    Slices follow the third voxel axis in stored order (instance number 1 = first stored slice), so a
-    volume stored head-to-feet is written as a reversed-order acquisition. ``texts`` may set
-    patient_id, patient_name, study_description, body_part.
+    Slices follow the third voxel axis in stored order (instance number ``first_instance_number`` = first
+    stored slice), so a volume stored head-to-feet is written as a reversed-order acquisition. ``texts`` may
+    set patient_id, patient_name, study_description, body_part. Scanner quirks: ``iop_jitter`` (each slice's
+    orientation strings off by up to that much), ``photometric="MONOCHROME1"`` (the values stored inverted,
+    lo + hi - v in the stored range), ``headers`` (set on every instance: EchoTime, DiffusionBValue,
+    TemporalPositionIdentifier, ImagesInAcquisition, ...).
     """
     img = load_image(image)
     modality = modality.upper()
     if modality not in ("MR", "CT"):
         raise ValueError("write_series writes MR or CT series")
     pixels, signed = _stored_pixels(np.asanyarray(img.dataobj))
+    if photometric == "MONOCHROME1":
+        info = np.iinfo(pixels.dtype)
+        pixels = (int(info.min) + int(info.max) - pixels.astype(np.int64)).astype(pixels.dtype)
     geometry = _slice_geometry(img.affine)
     texts = {"patient_id": "MRA0001", "patient_name": "Phantom^MRAnnotator", "body_part": "ABDOMEN",
              "study_description": "MRAnnotator test study", "series_description": series_description, **texts}
     uid = {"study": study_instance_uid or uids.generate_uid(), "series": series_instance_uid or uids.generate_uid(),
            "frame_of_reference": frame_of_reference_uid or uids.generate_uid()}
     shared = _series_dataset(modality, uid, series_number, texts, image_type)
+    shared.PhotometricInterpretation = photometric
+    for keyword, value in (headers or {}).items():
+        setattr(shared, keyword, value)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     prefix = prefix or f"{modality.lower()}{series_number:03d}"
@@ -204,12 +220,12 @@ def write_series(
         ds.SOPInstanceUID = uids.generate_uid()
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = k + 1
-        _geometry_attributes(ds, geometry, k, iop_decimals)
+        ds.InstanceNumber = k + first_instance_number
+        _geometry_attributes(ds, geometry, k, iop_decimals, iop_jitter)
         ds.Rows, ds.Columns = ny, nx
         ds.PixelRepresentation = signed
         _set_pixels(ds, np.ascontiguousarray(pixels[:, :, k].T), transfer_syntax)  # rows = j, columns = i
-        path = folder / f"{prefix}_{k + 1:04d}.dcm"
+        path = folder / f"{prefix}_{k + first_instance_number:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
     return files

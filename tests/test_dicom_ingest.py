@@ -208,7 +208,7 @@ def test_scan_names_every_series_and_every_skipped_path(tmp_path):
     assert reasons[2] == "modality CT: MRAnnotator segments MR only"
     assert reasons[4].startswith("derived image") and reasons[1] == "localizer / scout"
     assert "gaps 6.000..12.000 mm" in reasons[6] and "incomplete" in reasons[6]
-    assert "several slices share one position (multi-echo" in reasons[9]
+    assert reasons[9].startswith("duplicated slice: instances 1 and 1")  # same headers: copies, not echoes
     skipped = {p.name: why for p, why in scan.skipped}
     assert skipped["notes.txt"] == "not a DICOM file"
     assert skipped["aaa_dangling.dcm"].startswith("dangling symlink")

@@ -36,7 +36,8 @@ def cmd_segment(args) -> int:
 
     progress = _Progress(args.quiet)
     src = Path(args.input)
-    image = load_image(src, series_uid=args.series)  # bad input fails here, before minutes of model loading
+    image = load_image(src, series_uid=args.series, stack=args.stack,  # bad input fails here, before model loading
+                       ignore_instance_gaps=args.ignore_instance_gaps)
     check_output_dir(Path(args.output), case_name(src))
     progress(f"read {src}: {image.shape} voxels")
     progress("loading models")
@@ -112,10 +113,14 @@ def cmd_evaluate(args) -> int:
 
 def _add_segment(sub) -> None:
     s = sub.add_parser("segment", help="segment one MR volume (NIfTI file or DICOM series folder)")
-    s.add_argument("-i", "--input", required=True, help="NIfTI file or folder with one DICOM MR series")
+    s.add_argument("-i", "--input", required=True, help="NIfTI file, DICOM folder, DICOMDIR or DICOM file")
     s.add_argument("-o", "--output", required=True, help="output folder")
     s.add_argument("--series", metavar="UID", help="DICOM folder: segment this SeriesInstanceUID (default: the "
                    "largest acceptable MR series)")
+    s.add_argument("--stack", metavar="KEY", help="DICOM series of several 3D stacks: the one to segment, e.g. "
+                   "echo=2, b=1000, time=3, acquisition=2 (default: first echo, b=0, first time point)")
+    s.add_argument("--ignore-instance-gaps", action="store_true", help="DICOM: accept a stack whose "
+                   "InstanceNumbers miss the first or last slice (e.g. renumbered by an export)")
     s.add_argument("--regions", nargs="+", help=f"regions to run ({', '.join(region_names())}); default all")
     s.add_argument("--structures", nargs="+", help="only these structures (catalogue names)")
     s.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")

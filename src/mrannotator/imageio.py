@@ -32,14 +32,27 @@ def case_name(path: Path) -> str:
     return name
 
 
-def load_image(source, series_uid: str | None = None) -> nib.Nifti1Image:
-    """An MR volume from a path (NIfTI file or DICOM folder), a nibabel or a SimpleITK image.
+def is_dicom_path(path: Path) -> bool:
+    """A DICOM folder, a DICOMDIR or another DICOM file (the 'DICM' preamble), not a NIfTI / NRRD / MHA file."""
+    if path.is_dir():
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
 
-    A DICOM folder is read by :func:`mrannotator.dicom.read_dicom` (``series_uid`` picks one series,
-    else the largest acceptable MR series). The array is read eagerly (a corrupt file fails here,
-    with its name) and checked to be one 3D volume with a usable affine and finite intensities.
+
+def load_image(source, series_uid: str | None = None, *, stack: str | None = None,
+               ignore_instance_gaps: bool = False) -> nib.Nifti1Image:
+    """An MR volume from a path (NIfTI file, DICOM folder, DICOMDIR or DICOM file), a nibabel or a SimpleITK image.
+
+    DICOM is read by :func:`mrannotator.dicom.read_dicom` (``series_uid`` picks one series, else the largest
+    acceptable MR series; ``stack`` and ``ignore_instance_gaps`` as there). The array is read eagerly (a corrupt
+    file fails here, with its name) and checked to be one 3D volume with a usable affine and finite intensities.
     """
-    if series_uid is not None and not (isinstance(source, str | Path) and Path(source).is_dir()):
+    if series_uid is not None and not (isinstance(source, str | Path) and is_dicom_path(Path(source))):
         raise InputError(f"a series UID ({series_uid}) picks a series in a DICOM folder; {source!s:.200} is not one")
     if isinstance(source, sitk.Image):
         img = from_sitk(source)
@@ -49,10 +62,10 @@ def load_image(source, series_uid: str | None = None) -> nib.Nifti1Image:
         path = Path(source)
         if not path.exists():
             raise InputError(f"input not found: {path}")
-        if path.is_dir():
+        if is_dicom_path(path):
             from .dicom import read_dicom
 
-            img = read_dicom(path, series_uid)
+            img = read_dicom(path, series_uid, stack=stack, ignore_instance_gaps=ignore_instance_gaps)
         else:
             img = _load_nifti(path)
     return check_volume(img, str(source) if not isinstance(source, sitk.Image) else "SimpleITK image")

@@ -19,7 +19,9 @@ from pydicom.dataset import Dataset
 from ..errors import InputError
 from ..orientation import LPS_TO_RAS
 
-# tolerances for "one evenly spaced stack of parallel slices" (mm and direction cosines)
+# THE geometry tolerances of MRAnnotator, used by the reader and the SEG writer alike: "one evenly spaced
+# stack of parallel slices" (mm and direction cosines). Real series differ within them (a GE 3D T1 carries 32
+# orientation strings differing by 6.5e-8): the reader accepts them once and both use the normalised geometry.
 POS_TOL_MM = 1e-3
 COS_TOL = 1e-4
 
@@ -82,7 +84,8 @@ def stack_geometry(datasets: Sequence[Dataset]) -> tuple[list[int], np.ndarray]:
     steps = np.diff(positions, axis=0)
     step = steps.mean(axis=0)
     if np.linalg.norm(steps, axis=1).min() < POS_TOL_MM:
-        raise StackError("several slices share one position (multi-echo or multi-phase series?); split it first")
+        raise StackError("several slices share one position (duplicated slices, or several echoes / b-values / "
+                         "time points in one series): split it first")
     if np.abs(steps - step).max() > max(POS_TOL_MM, 1e-3 * np.linalg.norm(step)):
         gaps = np.linalg.norm(steps, axis=1)
         raise StackError(
@@ -95,3 +98,48 @@ def stack_geometry(datasets: Sequence[Dataset]) -> tuple[list[int], np.ndarray]:
     lps[:3, 2] = step
     lps[:3, 3] = positions[0]
     return [int(i) for i in order], LPS_TO_RAS @ lps
+
+
+def decimal_string(value: float) -> str:
+    """``value`` as a DICOM Decimal String (at most 16 characters), as precise as fits."""
+    for digits in range(15, 0, -1):
+        text = f"{value:.{digits}g}"
+        if len(text) <= 16:
+            return "0" if text in ("-0", "0") else text
+    raise ValueError(f"{value} does not fit a DICOM DS")
+
+
+def normalised_orientation(affine_ras: np.ndarray) -> list[str]:
+    """The ImageOrientationPatient of a stack (unit row and column cosines, LPS) from its RAS affine."""
+    lps = (LPS_TO_RAS @ np.asarray(affine_ras, float))[:3, :2]
+    cosines = lps / np.linalg.norm(lps, axis=0)
+    return [decimal_string(float(v)) for v in (*cosines[:, 0], *cosines[:, 1])]
+
+
+_REPLACED = {0x00200037, 0x00280030, 0x7FE00010}  # ImageOrientationPatient, PixelSpacing, PixelData
+
+
+def normalised_sources(datasets: Sequence[Dataset], affine_ras: np.ndarray) -> list[Dataset]:
+    """Copies of a stack's headers that all carry the stack's one normalised orientation and pixel spacing.
+
+    The reader accepted their orientations within COS_TOL and built ``affine_ras`` from them; a writer that
+    compares orientations exactly (highdicom's ``Segmentation``) is given these copies, so it writes the
+    geometry the volume was read with. Headers only: no pixel data is copied.
+    """
+    iop = normalised_orientation(affine_ras)
+    spacing = [str(v) for v in datasets[0].PixelSpacing]
+    for ds in datasets:
+        if not np.allclose(header_vector(ds, "ImageOrientationPatient", 6), [float(v) for v in iop], atol=COS_TOL):
+            raise StackError("the series' slices are not parallel to the volume they were read into")
+    out = []
+    for ds in datasets:
+        copy = Dataset()
+        for tag in ds.keys():  # elements shared with ``ds``, not copied; the two replaced ones are new elements
+            if tag not in _REPLACED:
+                copy[tag] = ds.get_item(tag)
+        copy.ImageOrientationPatient = iop
+        copy.PixelSpacing = spacing
+        if hasattr(ds, "file_meta"):
+            copy.file_meta = ds.file_meta
+        out.append(copy)
+    return out

@@ -1,6 +1,7 @@
 """The one way MRAnnotator reads DICOM: find the series of a folder tree, choose, read one volume.
 
-    scan = find_series(root)     # every file's header read once; each series sorted once
+    scan = find_series(root)     # every file's header read once; each series split and sorted once
+                                 # (root: a folder tree, one file, or a DICOMDIR whose files are followed)
     scan.series                  # accepted MR series, largest (voxels) first
     scan.rejected                # Rejected(series_uid, description, reason) for every other series
     scan.skipped                 # (path, reason): not DICOM, unreadable, dangling symlink, symlink loop
@@ -8,10 +9,13 @@
     img = read_dicom(root, series_uid=None)   # all of the above; InputError naming the problem
 
 The series rules, in order (the first that fails is the reason): MR only; no localizer / scout; no
-derived image (ImageType ORIGINAL only); single-frame instances; at least MIN_SLICES slices; one
-evenly spaced stack of parallel slices of one size (a missing slice shows as a gap). Pixel data is
-decoded by pydicom with the pylibjpeg plugins (JPEG Lossless, JPEG-LS, JPEG 2000; RLE, deflate and
-big endian natively), with the modality rescale.
+derived image (ImageType ORIGINAL only); single-frame instances; greyscale (MONOCHROME2, or MONOCHROME1,
+inverted on reading), no Siemens MOSAIC; at least MIN_SLICES slices; split into 3D stacks (echoes,
+b-values, time points, acquisitions: :mod:`.stacks`; ``stack=`` picks one, default the first; a duplicated
+slice is named); the stack one evenly spaced stack of parallel slices of one size (a missing slice shows
+as a gap); its InstanceNumbers start at 1 and reach ImagesInAcquisition where written (a missing first or
+last slice; ``ignore_instance_gaps=True`` accepts it). Pixel data is decoded by pydicom with the pylibjpeg
+plugins (JPEG Lossless, JPEG-LS, JPEG 2000; RLE, deflate and big endian natively), with the modality rescale.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pydicom.errors import InvalidDicomError
 from ..errors import InputError
 from .geometry import StackError, stack_geometry
 from .listing import Skipped, list_files
+from .stacks import image_rule_failed, invert_monochrome1, parse_stack, pick_stack, split_stacks, stack_problem
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,8 @@ class Series:
     files: list[Path]
     datasets: list[Dataset]  # headers, slice k of the volume = datasets[k]
     affine: np.ndarray
+    stack: str = ""  # the stack's key (e.g. "echo=1") when the series holds several, else ""
+    stacks: tuple[str, ...] = ()  # every stack's key, the default first (empty: one stack)
 
     @property
     def header(self) -> Dataset:
@@ -72,7 +79,9 @@ class Series:
 
     @property
     def description(self) -> str:
-        return describe(self.datasets)
+        if not self.stack:
+            return describe(self.datasets)
+        return f"{describe(self.datasets)} stack {self.stack} (stacks: {', '.join(self.stacks)})"
 
 
 @dataclass
@@ -160,36 +169,69 @@ def rule_failed(datasets: list[Dataset]) -> str | None:
         return "multi-frame (enhanced) instances: export the series as single-frame images"
     if any("Rows" not in d or "Columns" not in d for d in datasets):
         return "instances without an image (no Rows / Columns)"
-    if len(datasets) < MIN_SLICES:
+    why = image_rule_failed(datasets)
+    if why is None and len(datasets) < MIN_SLICES:
         return f"only {len(datasets)} slices (a 3D series has at least {MIN_SLICES})"
-    return None
+    return why
 
 
-def _accept(uid: str, members: list[tuple[Path, Dataset]]) -> Series | Rejected:
+GAP_OVERRIDE = ("; if the stack is complete (e.g. renumbered by an export), segment it with --ignore-instance-gaps "
+                "(MAP: MRANNOTATOR_IGNORE_INSTANCE_GAPS=1)")
+
+
+def _stack_of(uid: str, members: list[tuple[Path, Dataset]], stack: str | None, ignore_gaps: bool) -> Series | str:
+    """The chosen 3D stack of an accepted series, sorted once; or why it cannot be segmented."""
+    datasets = [ds for _, ds in members]
+    try:
+        stacks = split_stacks(datasets)
+    except StackError as e:
+        return str(e)
+    chosen = pick_stack(stacks, stack)
+    if isinstance(chosen, str):
+        return chosen
+    part = [datasets[i] for i in chosen.indices]
+    where = f" in stack {chosen.key}" if chosen.key else ""
+    if len(part) < MIN_SLICES:
+        return f"only {len(part)} slices{where} (a 3D series has at least {MIN_SLICES})"
+    try:
+        order, affine = stack_geometry(part)  # the one sort of this stack
+    except StackError as e:
+        return f"not one 3D stack{where}: {e}"
+    problem = None if ignore_gaps else stack_problem(stacks, chosen, datasets)
+    if problem:
+        return problem + GAP_OVERRIDE
+    files = [members[chosen.indices[i]][0] for i in order]
+    return Series(uid, files, [part[i] for i in order], affine, chosen.key,
+                  tuple(s.key for s in stacks) if chosen.key else ())
+
+
+def _accept(uid: str, members: list[tuple[Path, Dataset]], stack: str | None, ignore_gaps: bool
+            ) -> Series | Rejected:
     datasets = [ds for _, ds in members]
     why = rule_failed(datasets)
     if why is None:
-        try:
-            order, affine = stack_geometry(datasets)  # the one sort of this series
-        except StackError as e:
-            why = f"not one 3D stack: {e}"
-        else:
-            return Series(uid, [members[i][0] for i in order], [datasets[i] for i in order], affine)
+        result = _stack_of(uid, members, stack, ignore_gaps)
+        if isinstance(result, Series):
+            return result
+        why = result
     return Rejected(uid, describe(datasets), why)
 
 
-def find_series(root: str | Path) -> SeriesScan:
-    """Every series under ``root`` (a folder tree, or one file), checked against the series rules.
+def find_series(root: str | Path, *, stack: str | None = None, ignore_instance_gaps: bool = False) -> SeriesScan:
+    """Every series under ``root`` (a folder tree, one file, or a DICOMDIR), checked against the series rules.
 
+    ``stack`` picks the 3D stack of series that hold several (e.g. ``echo=2``, ``b=1000``, ``time=3``; default
+    the first); ``ignore_instance_gaps`` accepts stacks whose InstanceNumbers miss the first or last slice.
     Never stops early: files that cannot be used are in ``skipped`` with the reason.
     """
     root = Path(root)
     if not root.exists():
         raise InputError(f"input not found: {root}")
+    parse_stack(stack)  # a malformed key is refused before anything is read
     files, skipped = list_files(root)
     scan = SeriesScan(root, skipped=skipped)
     for uid, members in _read_headers(files, scan.skipped).items():
-        result = _accept(uid, members)
+        result = _accept(uid, members, stack, ignore_instance_gaps)
         (scan.series if isinstance(result, Series) else scan.rejected).append(result)
     scan.series.sort(key=lambda s: (-s.voxels, -len(s.files), int(getattr(s.header, "SeriesNumber", 0) or 0)))
     return scan
@@ -201,6 +243,7 @@ def _identity_rescale(datasets: list[Dataset]) -> bool:
 
 
 def _decode(path: Path, rescale: bool) -> np.ndarray:
+    """One slice's pixels, MONOCHROME1 inverted to the MR convention, with the modality rescale."""
     try:
         ds = pydicom.dcmread(path)
     except Exception as e:  # changed or damaged since find_series read its header
@@ -211,6 +254,8 @@ def _decode(path: Path, rescale: bool) -> np.ndarray:
         syntax = ds.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
         name = getattr(syntax, "name", syntax)
         raise InputError(f"cannot decode the pixel data of {path} ({name}): {type(e).__name__}: {e}") from e
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+        frame = invert_monochrome1(frame, ds)
     return pydicom.pixels.apply_rescale(frame, ds).astype(np.float32) if rescale else frame
 
 
@@ -241,13 +286,15 @@ def report(scan: SeriesScan, logger: logging.Logger = log) -> None:
         logger.warning(f"DICOM input: skipped {p}: {why}")
 
 
-def read_dicom(path: str | Path, series_uid: str | None = None) -> nib.Nifti1Image:
+def read_dicom(path: str | Path, series_uid: str | None = None, *, stack: str | None = None,
+               ignore_instance_gaps: bool = False) -> nib.Nifti1Image:
     """The volume of the chosen series under ``path`` (``series_uid``, else the largest accepted one).
 
-    Raises :class:`InputError` naming the problem: nothing DICOM, no acceptable MR series (each
-    series with its reason), an incomplete stack, a series UID not found.
+    ``stack`` and ``ignore_instance_gaps`` as in :func:`find_series`. Raises :class:`InputError` naming the
+    problem: nothing DICOM, no acceptable MR series (each series with its reason), an incomplete stack, a
+    series UID not found.
     """
-    scan = find_series(path)
+    scan = find_series(path, stack=stack, ignore_instance_gaps=ignore_instance_gaps)
     report(scan)
     series = scan.choose(series_uid)
     log.info(f"reading {series.description}")

@@ -13,7 +13,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ..errors import InputError
-from .geometry import stack_geometry
+from .geometry import normalised_sources, stack_geometry
 
 ALGORITHM_NAME = "MRAnnotator"
 
@@ -25,7 +25,10 @@ def _code(c):
 
 
 def _frames(labels: nib.Nifti1Image, structures, source_datasets: Sequence[Dataset], source_affine=None):
-    """(source instances in slice order, segment frames (slice, row, column), catalogue ids present)."""
+    """(source instances in slice order, segment frames (slice, row, column), catalogue ids present).
+
+    The instances are copies carrying the stack's one normalised orientation (the reader's tolerance, not
+    highdicom's exact comparison, decides whether the slices are parallel)."""
     if source_affine is None:
         order, affine = stack_geometry(source_datasets)
     else:  # already sorted by mrannotator.dicom.find_series (a Series' datasets and affine): no second sort
@@ -43,7 +46,8 @@ def _frames(labels: nib.Nifti1Image, structures, source_datasets: Sequence[Datas
     lut = np.zeros(256, np.uint8)
     for n, sid in enumerate(present, 1):
         lut[sid] = n
-    return [source_datasets[i] for i in order], lut[data].transpose(2, 1, 0), present
+    ordered = normalised_sources([source_datasets[i] for i in order], affine)
+    return ordered, lut[data].transpose(2, 1, 0), present
 
 
 def _segment_descriptions(present: list[int], structures, algorithm) -> list:
