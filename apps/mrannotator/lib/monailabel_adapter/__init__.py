@@ -33,10 +33,20 @@ the app (before uvicorn binds its socket). Each fix has a test in ``tests/test_s
    of an unknown image or label -> 404; a dataset download with no labelled image -> 404; infer
    without an image -> 400; invalid JSON in a form field ->
    400; a login the identity provider refuses -> 401 (MONAI Label answers 200 then ERROR, 200 ``{}``
-   or 500).
+   or 500). Also (``checks.py``): NUL or over-long names, unknown batch-infer model, ``output=dicom_seg``
+   on a local datastore, ``/proxy/dicom`` without a PACS, unknown or foreign ``session_id``: 4xx.
 7. **HTTP limits** (uvicorn's h11 protocol never closes a silent or slow socket and resets oversized
    requests): idle, header and body timeouts, a connection cap, 414/431 answers, HEAD and OPTIONS
    (``http_limits.py``).
+8. **Archives** (``archives.py``): ``PUT /session/?uncompress=true`` used ``shutil.unpack_archive`` (no member
+   filter: ``../`` and absolute members written anywhere, no size cap); now only regular files and folders
+   inside the target, caps on members, bytes and ratio checked while unpacking, nothing left on refusal.
+9. **Upload size** (``upload_limits.py``): every form route's body is capped (413).
+10. **Sessions** (``sessions.py``): an owner (the token's subject), expiry enforced on lookup, no server
+   paths in answers, safe upload names, built in a staging folder and renamed into place.
+11. **Parameters** (``params.py``): ``params`` / ``info`` form fields must be JSON objects of bounded depth
+   with typed keys; training numbers must be positive before anything is queued.
+Tests: ``tests/test_hostile_input.py`` (8-11 and the checks of 6 added with them).
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ import requests
 from fastapi import FastAPI
 from monailabel.config import settings
 
-from . import http_limits, uploads
+from . import http_limits, params, sessions, uploads
 from .auth import _identity_provider_refused, _rbac_checked_by_middleware, from_token, verify_token  # noqa: F401
 from .bind import BindPolicy, _uvicorn_configs, apply_bind_policy, start_server_host  # noqa: F401
 from .checks import _invalid_json, precheck  # noqa: F401
@@ -90,6 +100,8 @@ def install(upload_root: Path) -> BindPolicy | None:
 
     uploads.install(upload_root)
     http_limits.install(_uvicorn_configs())  # timeouts, connection cap, 414/431 (before uvicorn binds)
+    sessions.install()
+    params.install()
 
     _declare_roles_in_openapi(fastapi_app)
     fastapi_app.add_exception_handler(json.JSONDecodeError, _invalid_json)

@@ -1,4 +1,13 @@
-"""Request checks: status codes MONAI Label gets wrong, answered before a handler runs (fix 6)."""
+"""Request checks: status codes MONAI Label gets wrong, answered before a handler runs (fix 6).
+
+Also refused here, each with a 4xx and a message (MONAI Label 0.8.5 answers these 500, or 200 and then fails):
+a NUL character or a path part over 255 bytes in the path or the query (``?image=a%00b``: ValueError, 500;
+``/ohif/<10,000 characters>``: OSError, 500); ``POST /batch/infer/<unknown model>`` (200 SUBMITTED, then
+ERROR): 404; ``output=dicom_seg`` on a local datastore (500 after the whole inference): 400 before it;
+``/proxy/dicom/...`` when the studies are a local folder (a request to a URL made of the folder's path):
+404 "no PACS configured"; ``session_id`` of a session that does not exist, expired or belongs to another
+user: 404 (MONAI Label runs on an empty image name).
+"""
 
 from __future__ import annotations
 
@@ -15,12 +24,46 @@ def _query(scope) -> dict[str, str]:
     return {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
 
 
+def malformed(path: str, query: dict[str, str]) -> tuple[int, str] | None:
+    """400 for a NUL character, or a path part too long for any file name, in the path or the query."""
+    for where, text in (("path", path), *((f"parameter {k!r}", v) for k, v in query.items())):
+        if "\0" in text:
+            return 400, f"the request {where} contains a NUL character"
+    if any(len(part.encode("utf-8", "surrogateescape")) > 255 for part in path.split("/")):
+        return 400, "a part of the request path is longer than 255 bytes (no such file or id)"
+    return None
+
+
+def _more_checks(app, method: str, template: str, last: str, query: dict[str, str]) -> tuple[int, str] | None:
+    if (method, template) == ("POST", "/batch/infer/{model}") and last not in tasks(app, "infers"):
+        return 404, f"model {last!r} is not served here; served models: {', '.join(tasks(app, "infers"))}"
+    if template.startswith("/proxy/dicom/") and not str(app.studies).startswith(("http://", "https://")):
+        return 404, "no PACS is configured: this server's studies are a local folder, so /proxy/dicom has " \
+                    "nothing to forward to"
+    if (method, template) == ("POST", "/infer/{model}") and query.get("output") == "dicom_seg" \
+            and not str(app.studies).startswith(("http://", "https://")):
+        return 400, "output=dicom_seg needs a DICOMweb (PACS) datastore; this server stores files: " \
+                    "use output=image (NIfTI) or output=all"
+    session_id = query.get("session_id")
+    if (method, template) == ("POST", "/infer/{model}") and session_id and not query.get("image"):
+        sessions = app.sessions()
+        if sessions is None or sessions.get_session(session_id, update_ts=False) is None:
+            return 404, f"session {session_id!r} does not exist, has expired or belongs to another user"
+    return None
+
+
 def precheck(method: str, template: str, path: str, query: dict[str, str]) -> tuple[int, str] | None:
     """(status, message) for a request MONAI Label would queue, store or answer wrongly; None if fine."""
     from monailabel.interfaces.utils.app import app_instance
 
+    refusal = malformed(path, query)
+    if refusal is not None:
+        return refusal
     app = app_instance()
     last = path.rstrip("/").rsplit("/", 1)[-1]
+    refusal = _more_checks(app, method, template, last, query)
+    if refusal is not None:
+        return refusal
     if (method, template) == ("POST", "/train/{model}") and last not in tasks(app, "trainers"):
         return 404, f"trainer {last!r} does not exist; choose from {', '.join(tasks(app, 'trainers'))}"
     if (method, template) == ("POST", "/scoring/{method}") and last not in tasks(app, "scoring_methods"):

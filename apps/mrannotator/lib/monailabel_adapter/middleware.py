@@ -12,7 +12,7 @@ from typing import Any
 import jwt
 from fastapi.responses import JSONResponse
 
-from . import http_limits, uploads
+from . import http_limits, sessions, upload_limits, uploads
 from .auth import RealmUnavailable, role_level, token_roles, verify_token_async
 from .bind import BindPolicy
 from .checks import _checked, _query
@@ -47,6 +47,7 @@ class ServerGuard:
         if refusal is None and self.policy.refuses(method, path):
             refusal = (403, f"{method} {path} is refused: the server listens on {self.policy.host} without "
                             "auth; enable MONAI_LABEL_AUTH_ENABLE or serve on 127.0.0.1")
+        owner = sessions.current_owner.set(sessions.owner_from_scope(scope, self.policy.auth))  # session owner
         if refusal is None:
             template = match_route(method, path)
             if template is not None:
@@ -57,12 +58,13 @@ class ServerGuard:
             return await JSONResponse({"detail": message}, status_code=status, headers=headers)(scope, receive, send)
 
         if (method, match_route(method, path)) in FORM_ROUTES:  # only these read a form; others never wait
-            receive = await _repair_multipart_boundary(scope, receive)
+            receive = upload_limits.capped(scope, await _repair_multipart_boundary(scope, receive))
         holder = uploads._RequestTemp(uploads.UPLOAD_ROOT) if uploads.UPLOAD_ROOT is not None else None
         token = uploads._request_temp.set(holder)
         try:
             await self.app(http_limits.served_scope(scope), receive, _redacting(send, holder))
         finally:
+            sessions.current_owner.reset(owner)
             uploads._request_temp.reset(token)
             if holder is not None:  # after the answer and MONAI Label's background tasks
                 holder.remove()
