@@ -178,10 +178,10 @@ def _zip_entries(archive: Path, budget: _Budget) -> Iterator[tuple[tuple[str, ..
         for info in infos:
             budget.member()
             parts = check_member_name(info.filename)
-            mode = info.external_attr >> 16
+            kind = stat.S_IFMT(info.external_attr >> 16)  # 0: no type recorded (DOS, zipfile's own writes)
             if info.is_dir():
                 yield parts, None
-            elif mode and not stat.S_ISREG(mode):
+            elif kind and kind != stat.S_IFREG:
                 raise ArchiveRefused(422, f"archive member {info.filename!r} is not a regular file or folder "
                                           "(a link or a device): refused")
             else:
