@@ -34,7 +34,8 @@ the app (before uvicorn binds its socket). Each fix has a test in ``tests/test_s
    without an image -> 400; invalid JSON in a form field ->
    400; a login the identity provider refuses -> 401 (MONAI Label answers 200 then ERROR, 200 ``{}``
    or 500). Also (``checks.py``): NUL or over-long names, unknown batch-infer model, ``output=dicom_seg``
-   on a local datastore, ``/proxy/dicom`` without a PACS, unknown or foreign ``session_id``: 4xx.
+   on a local datastore, ``/proxy/dicom`` without a PACS, unknown or foreign ``session_id``, a model upload
+   for a model with no model file: 4xx.
 7. **HTTP limits** (uvicorn's h11 protocol never closes a silent or slow socket and resets oversized
    requests): idle, header and body timeouts, a connection cap, 414/431 answers, HEAD and OPTIONS
    (``http_limits.py``).
@@ -46,7 +47,8 @@ the app (before uvicorn binds its socket). Each fix has a test in ``tests/test_s
    paths in answers, safe upload names, built in a staging folder and renamed into place.
 11. **Parameters** (``params.py``): ``params`` / ``info`` form fields must be JSON objects of bounded depth
    with typed keys; training numbers must be positive before anything is queued.
-Tests: ``tests/test_hostile_input.py`` (8-11 and the checks of 6 added with them).
+12. **No server paths** (``answers.py``): the next sample's ``path`` is its download route.
+Tests: ``tests/test_hostile_input.py`` (8-12 and the checks of 6 added with them).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ import requests
 from fastapi import FastAPI
 from monailabel.config import settings
 
-from . import http_limits, params, sessions, uploads
+from . import answers, http_limits, params, sessions, uploads
 from .auth import _identity_provider_refused, _rbac_checked_by_middleware, from_token, verify_token  # noqa: F401
 from .bind import BindPolicy, _uvicorn_configs, apply_bind_policy, start_server_host  # noqa: F401
 from .checks import _invalid_json, precheck  # noqa: F401
@@ -102,6 +104,7 @@ def install(upload_root: Path) -> BindPolicy | None:
     http_limits.install(_uvicorn_configs())  # timeouts, connection cap, 414/431 (before uvicorn binds)
     sessions.install()
     params.install()
+    answers.install()
 
     _declare_roles_in_openapi(fastapi_app)
     fastapi_app.add_exception_handler(json.JSONDecodeError, _invalid_json)

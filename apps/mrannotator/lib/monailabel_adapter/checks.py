@@ -5,8 +5,9 @@ a NUL character or a path part over 255 bytes in the path or the query (``?image
 ``/ohif/<10,000 characters>``: OSError, 500); ``POST /batch/infer/<unknown model>`` (200 SUBMITTED, then
 ERROR): 404; ``output=dicom_seg`` on a local datastore (500 after the whole inference): 400 before it;
 ``/proxy/dicom/...`` when the studies are a local folder (a request to a URL made of the folder's path):
-404 "no PACS configured"; ``session_id`` of a session that does not exist, expired or belongs to another
-user: 404 (MONAI Label runs on an empty image name).
+404 "no PACS configured"; ``PUT /model/<model>`` for a model with no model file (500 "Model File Name NOT
+configured" after the upload): 404 before it; ``session_id`` of a session that does not exist, expired or
+belongs to another user: 404 (MONAI Label runs on an empty image name).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def _more_checks(app, method: str, template: str, last: str, query: dict[str, st
             and not str(app.studies).startswith(("http://", "https://")):
         return 400, "output=dicom_seg needs a DICOMweb (PACS) datastore; this server stores files: " \
                     "use output=image (NIfTI) or output=all"
+    if (method, template) == ("PUT", "/model/{model}") and not app.model_file(last, validate=False):
+        return 404, f"model {last!r} has no model file to replace: this app serves nnU-Net model folders " \
+                    "(installed with `mrannotator weights`, or published by POST /train/)"
     session_id = query.get("session_id")
     if (method, template) == ("POST", "/infer/{model}") and session_id and not query.get("image"):
         sessions = app.sessions()
