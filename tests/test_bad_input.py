@@ -109,7 +109,7 @@ CASES = {
     "infer_upload_path": ("POST", "/infer/mrannotator?image=/tmp/tmpabc.nii.gz", lambda f: {}, 404, "datastore"),
     "infer_with_an_upload": ("POST", "/infer/mrannotator?image=abdomen",
                              lambda f: {"files": _upload(f / "label.nii.gz")}, 400, "datastore image id"),
-    "infer_unknown_session": ("POST", "/infer/mrannotator?session_id=nosuch", lambda f: {}, 400, "image"),
+    "infer_unknown_session": ("POST", "/infer/mrannotator?session_id=nosuch", lambda f: {}, 404, "nosuch"),
     "delete_unknown_image": ("DELETE", "/datastore/image?id=nosuch", lambda f: {}, 404, "nosuch"),
     "delete_unknown_label": ("DELETE", "/datastore/label?id=abdomen&tag=final", lambda f: {}, 404, "abdomen"),
     "image_info_unknown": ("GET", "/datastore/image/info?image=nosuch", lambda f: {}, 404, "nosuch"),

@@ -37,7 +37,7 @@ def malformed(path: str, query: dict[str, str]) -> tuple[int, str] | None:
 
 def _more_checks(app, method: str, template: str, last: str, query: dict[str, str]) -> tuple[int, str] | None:
     if (method, template) == ("POST", "/batch/infer/{model}") and last not in tasks(app, "infers"):
-        return 404, f"model {last!r} is not served here; served models: {', '.join(tasks(app, "infers"))}"
+        return 404, f"model {last!r} is not served here; served models: {', '.join(tasks(app, 'infers'))}"
     if template.startswith("/proxy/dicom/") and not str(app.studies).startswith(("http://", "https://")):
         return 404, "no PACS is configured: this server's studies are a local folder, so /proxy/dicom has " \
                     "nothing to forward to"

@@ -30,6 +30,15 @@ INTERNALS: list[tuple[str, str, str]] = [
     ("fastapi.routing:APIRoute", "dependant", "dependant.call replaced to run blocking handlers in threads"),
     ("fastapi.routing:APIRouter", "_routes_version", "bumped so FastAPI 0.165 rebuilds included routers"),
     ("argparse:ArgumentParser", "_actions", "start_server's own --host default (no public accessor)"),
+    # hostile input (archives.py, sessions.py, params.py, answers.py): module globals replaced or wrapped
+    ("monailabel.interfaces.app", "Sessions", "replaced by OwnedSessions (safe unpacking, owner, expiry)"),
+    ("monailabel.endpoints.session", "create_session", "replaced: checked names, safe unpacking, owner"),
+    ("monailabel.endpoints.session", "get_session", "replaced: owner and expiry checked, no server paths"),
+    ("monailabel.endpoints.session", "remove_session", "replaced: owner checked, no server paths"),
+    ("monailabel.endpoints.infer", "json", "replaced by FormJSON: params must be a JSON object, bounded depth"),
+    ("monailabel.endpoints.datastore", "json", "replaced by FormJSON: params/info must be JSON objects"),
+    ("monailabel.endpoints.train", "run_model", "wrapped: training numbers checked before queuing"),
+    ("monailabel.endpoints.activelearning", "sample", "wrapped: the next sample's path is its download route"),
 ]
 
 

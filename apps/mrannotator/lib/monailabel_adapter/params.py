@@ -20,6 +20,8 @@ from typing import Any
 
 from fastapi import HTTPException
 
+from .internals import tasks
+
 MAX_DEPTH = 32
 _TEXT_KEYS = ("image", "label_tag", "device", "result_extension", "result_dtype", "model")
 _BOOL_KEYS = ("save_label",)
@@ -80,7 +82,7 @@ def check_train_params(model: str, params: Any) -> None:
     if params is None:
         return
     params = check_params(params, "training parameters")
-    task = app_instance()._trainers.get(model)
+    task = tasks(app_instance(), "trainers").get(model)
     defaults = task.config() if task is not None else {}
     for key, default in defaults.items():
         if key not in params or isinstance(default, bool) or not isinstance(default, (int, float)):
