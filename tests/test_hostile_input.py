@@ -329,6 +329,8 @@ MALFORMED = {
                         "learning_rate"),
     "iterations a list": ("POST", "/train/mrannotator", lambda s: {"json": {"iterations": [5]}}, 400,
                           "iterations"),
+    "max_epochs=0 for every trainer": ("POST", "/train/", lambda s: {"json": {"mrannotator": {"max_epochs": 0}}},
+                                       400, "max_epochs"),
     "batch infer unknown model": ("POST", "/batch/infer/nosuch", None, 404, "nosuch"),
     "unknown session": ("GET", "/session/6f1c9a52-0000-11ee-8000-000000000000", None, 404, "session"),
     "session id '..' (delete)": ("DELETE", "/session/%2E%2E", None, 404, "session"),

@@ -38,6 +38,7 @@ INTERNALS: list[tuple[str, str, str]] = [
     ("monailabel.endpoints.infer", "json", "replaced by FormJSON: params must be a JSON object, bounded depth"),
     ("monailabel.endpoints.datastore", "json", "replaced by FormJSON: params/info must be JSON objects"),
     ("monailabel.endpoints.train", "run_model", "wrapped: training numbers checked before queuing"),
+    ("monailabel.endpoints.train", "run", "wrapped: training numbers checked before queuing (all trainers)"),
     ("monailabel.endpoints.activelearning", "sample", "wrapped: the next sample's path is its download route"),
 ]
 

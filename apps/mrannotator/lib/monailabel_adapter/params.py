@@ -8,9 +8,9 @@ Upstream (0.8.5):
   such field must be a JSON object at most :data:`MAX_DEPTH` levels deep, and the keys the app reads
   (``image``, ``label_tag``, ``device``, ``result_extension``, ``result_dtype``: text; ``save_label``: a
   boolean) must have their type: 400 with the field and the problem.
-- ``POST /train/{model}`` queues any ``max_epochs`` (``-1``, ``"abc"``) and answers 200; the training
-  subprocess then fails (ERROR). Here every number the trainer's ``config()`` declares must be given as a
-  positive number of that kind: 400 before anything is queued.
+- ``POST /train/{model}`` (and ``POST /train/``, per trainer) queues any ``max_epochs`` (``-1``, ``"abc"``)
+  and answers 200; the training subprocess then fails (ERROR). Here every number the trainer's ``config()``
+  declares must be given as a positive number of that kind: 400 before anything is queued.
 """
 
 from __future__ import annotations
@@ -112,3 +112,12 @@ def install() -> None:
 
     run_model.upstream = upstream
     train.run_model = run_model
+    upstream_all = getattr(train.run, "upstream", train.run)
+
+    def run_all(params=None, run_sync=False):  # POST /train/: params per trainer name
+        for model, model_params in (check_params(params, "training parameters") if params else {}).items():
+            check_train_params(model, model_params)
+        return upstream_all(params, run_sync)
+
+    run_all.upstream = upstream_all
+    train.run = run_all
