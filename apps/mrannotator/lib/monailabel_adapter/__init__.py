@@ -16,7 +16,7 @@ the app (before uvicorn binds its socket). Each fix has a test in ``tests/test_s
    than extra route dependencies: it sees every request, including routes outside the OpenAPI schema
    (``/reload``, ``/ohif``, ``/proxy``, ``/static``, ``/docs``), refuses before a handler or an upload
    body is touched, and does not depend on how FastAPI stores routes (0.165 wraps included routers).
-   It sits inside MONAI Label's CORS middleware so that browsers also see 401/403 answers.
+   It sits inside the CORS middleware (allow-listed sites only) so that they also see 401/403 answers.
 3. **Bind policy**: MONAI Label binds 0.0.0.0 by default. Without auth, a server started without an
    explicit ``--host`` binds 127.0.0.1 instead (uvicorn binds after the lifespan start-up, so its
    ``Config.host`` can still be changed here); on a non-loopback bind without auth, destructive routes
@@ -33,6 +33,10 @@ the app (before uvicorn binds its socket). Each fix has a test in ``tests/test_s
    without an image -> 400; invalid JSON in a form field ->
    400; a login the identity provider refuses -> 401 (MONAI Label answers 200 then ERROR, 200 ``{}``
    or 500).
+7. **Cross-site requests** (:mod:`.origin`): CORS only for ``MONAI_LABEL_CORS_ORIGINS`` (MONAI Label
+   allows any origin with credentials); cross-site state changes 403 with or without auth.
+8. **DICOMweb proxy** (:mod:`.dicomweb_proxy`, applied with the OHIF fixes): only OHIF's DICOMweb
+   resources, normalised; STOW for annotators; the PACS's challenge never forwarded; PACS down -> 503.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import requests
 from fastapi import FastAPI
 from monailabel.config import settings
 
-from . import uploads
+from . import origin, uploads
 from .auth import _identity_provider_refused, _rbac_checked_by_middleware, from_token, verify_token  # noqa: F401
 from .bind import BindPolicy, apply_bind_policy, start_server_host  # noqa: F401
 from .checks import _invalid_json, precheck  # noqa: F401
@@ -89,7 +93,9 @@ def install(upload_root: Path) -> BindPolicy | None:
     _declare_roles_in_openapi(fastapi_app)
     fastapi_app.add_exception_handler(json.JSONDecodeError, _invalid_json)
     fastapi_app.add_exception_handler(requests.HTTPError, _identity_provider_refused)
-    # The stack was built for the lifespan call already; insert ours inside CORS and rebuild it.
+    # The stack was built for the lifespan call already; add ours (OriginGuard outermost, CORS only for
+    # MONAI_LABEL_CORS_ORIGINS, then ServerGuard) and rebuild it.
+    origin.install(fastapi_app, loopback=not policy.remote)
     fastapi_app.user_middleware.append(_middleware(ServerGuard, policy=policy))
     fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
     _installed = policy

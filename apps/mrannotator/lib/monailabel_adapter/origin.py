@@ -1,0 +1,133 @@
+"""Cross-site requests: CORS off unless allow-listed, forged state changes refused (issue 20).
+
+MONAI Label 0.8.5 installs CORS for any origin with credentials (``MONAI_LABEL_CORS_ORIGINS`` empty
+means ``*``) and allows every method in a preflight: a page on any site could delete a study on an
+annotator's loopback server and read its images. Here:
+
+- CORS is off by default: the OHIF the server serves is same-origin and needs none. Sites that need
+  it are listed in ``MONAI_LABEL_CORS_ORIGINS`` (MONAI Label's own setting, a JSON list such as
+  ``'["https://viewer.example.org"]'``); only they get CORS headers. A cross-origin GET gets no
+  ``Access-Control-Allow-Origin``, so a page on another site cannot read the answer.
+- A state-changing request (any method but GET, HEAD, OPTIONS) is refused with 403 when a browser
+  says it comes from another site: an ``Origin`` that is neither this server nor allow-listed
+  (``null`` included), or no ``Origin`` and ``Sec-Fetch-Site: cross-site`` / ``same-site`` (another
+  port on the same host is another origin). Checked before auth, so it holds without auth too.
+  Clients that are no browser (3D Slicer, scripts) send neither header and are not affected.
+- On a loopback bind, a ``Host`` that is not a loopback name is refused (403): a DNS-rebinding page
+  (``evil.example`` resolving to 127.0.0.1) would otherwise be same-origin with the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import urlsplit
+
+from fastapi.responses import JSONResponse
+
+from .bind import is_loopback
+
+logger = logging.getLogger(__name__)
+
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalised_origin(value: str) -> str | None:
+    """``scheme://host:port`` (lower case, port explicit) of an origin or URL; None if it is none."""
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in DEFAULT_PORTS or not parts.hostname or port is None:
+        return None
+    return f"{parts.scheme.lower()}://{parts.hostname.lower()}:{port}"
+
+
+def allowed_origins() -> frozenset[str]:
+    """MONAI_LABEL_CORS_ORIGINS, normalised (MONAI Label's setting; empty here means no CORS at all)."""
+    from monailabel.config import settings
+
+    out = {normalised_origin(str(o)) for o in settings.MONAI_LABEL_CORS_ORIGINS or []}
+    return frozenset(o for o in out if o)
+
+
+def _headers(scope) -> dict[bytes, str]:
+    return {k.lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+def _host_and_port(scope, headers: dict[bytes, str]) -> tuple[str, int | None]:
+    host = headers.get(b"host", "")
+    try:
+        parts = urlsplit(f"//{host}")
+        return (parts.hostname or "").lower(), parts.port
+    except ValueError:
+        return "", None
+
+
+def _same_origin(origin: str, scope, headers: dict[bytes, str]) -> bool:
+    """``origin`` names the host (and port) this request was sent to. Without a port in Host (a
+    reverse proxy in front), the host alone is compared: the scheme there is the proxy's."""
+    host, port = _host_and_port(scope, headers)
+    parts = urlsplit(origin)
+    if not host or parts.hostname != host:
+        return False
+    return port is None or parts.port == port
+
+
+def cross_site_refusal(scope, allowed: frozenset[str], loopback: bool) -> str | None:
+    """Why this request is refused as cross-site (403), or None."""
+    headers = _headers(scope)
+    if loopback:
+        host, _ = _host_and_port(scope, headers)
+        if host and not (is_loopback(host.strip("[]")) or host.endswith(".localhost")):
+            return (f"Host {host!r} is not this loopback server's address (a page on another site, through DNS "
+                    "rebinding?); use http://127.0.0.1:PORT or http://localhost:PORT")
+    if scope["method"] in SAFE_METHODS:
+        return None
+    origin = headers.get(b"origin")
+    if origin is not None:
+        normal = normalised_origin(origin)
+        if normal is not None and (_same_origin(normal, scope, headers) or normal in allowed):
+            return None
+        return (f"{scope['method']} from the page at {origin!r} is refused: it is neither this server nor listed "
+                "in MONAI_LABEL_CORS_ORIGINS")
+    site = headers.get(b"sec-fetch-site", "").lower()
+    if site in ("cross-site", "same-site"):
+        return f"{scope['method']} from a {site} page is refused (Sec-Fetch-Site: {site}, no Origin)"
+    return None
+
+
+class OriginGuard:
+    """Outermost middleware: refuses cross-site requests as described in the module docstring."""
+
+    def __init__(self, app, allowed: frozenset[str], loopback: bool):
+        self.app = app
+        self.allowed = allowed
+        self.loopback = loopback
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refusal = cross_site_refusal(scope, self.allowed, self.loopback)
+            if refusal is not None:
+                logger.warning(f"refused {scope['method']} {scope['path']}: {refusal}")
+                return await JSONResponse({"detail": refusal}, status_code=403)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def install(fastapi_app, loopback: bool) -> frozenset[str]:
+    """Replace MONAI Label's any-origin CORS with the allow-list (or none) behind OriginGuard; returns
+    the allow-list. The caller rebuilds the middleware stack."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+
+    allowed = allowed_origins()
+    kept = [m for m in fastapi_app.user_middleware if m.cls is not CORSMiddleware]
+    if allowed:  # CORSMiddleware compares the Origin header as sent: no explicit default port there
+        sent = [o.removesuffix(":443") if o.startswith("https:") else o.removesuffix(":80") for o in allowed]
+        kept.insert(0, Middleware(CORSMiddleware, allow_origins=sorted(sent), allow_credentials=True,
+                                  allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"], allow_headers=["*"]))
+    fastapi_app.user_middleware[:] = [Middleware(OriginGuard, allowed=allowed, loopback=loopback)] + kept
+    logger.info(f"cross-origin requests: CORS for {sorted(allowed) or 'no other site'}; cross-site "
+                "state changes refused")
+    return allowed
