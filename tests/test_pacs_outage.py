@@ -226,7 +226,7 @@ def test_cross_site_requests_on_the_no_auth_loopback_server(server, pacs):
     image = pacs.series[0]
     delete = f"/datastore/label?id={image}&tag=draft"
     r = requests.delete(f"{server.url}{delete}", headers={"Origin": EVIL}, timeout=30)
-    assert r.status_code == 403 and EVIL in r.json()["detail"] and "MONAI_LABEL_CORS_ORIGINS" in r.text
+    assert r.status_code == 403 and EVIL in r.json()["detail"] and "MRANNOTATOR_CORS_ORIGINS" in r.text
     r = requests.post(f"{server.url}/activelearning/random", json={}, timeout=30,
                       headers={"Sec-Fetch-Site": "cross-site"})
     assert r.status_code == 403 and "cross-site" in r.text

@@ -33,7 +33,7 @@ the app (before uvicorn binds its socket). Each fix has a test in ``tests/test_s
    without an image -> 400; invalid JSON in a form field ->
    400; a login the identity provider refuses -> 401 (MONAI Label answers 200 then ERROR, 200 ``{}``
    or 500).
-7. **Cross-site requests** (:mod:`.origin`): CORS only for ``MONAI_LABEL_CORS_ORIGINS`` (MONAI Label
+7. **Cross-site requests** (:mod:`.origin`): CORS only for ``MRANNOTATOR_CORS_ORIGINS`` (MONAI Label
    allows any origin with credentials); cross-site state changes 403 with or without auth.
 8. **DICOMweb proxy** (:mod:`.dicomweb_proxy`, applied with the OHIF fixes): only OHIF's DICOMweb
    resources, normalised; STOW for annotators; the PACS's challenge never forwarded; PACS down -> 503.
@@ -94,7 +94,7 @@ def install(upload_root: Path) -> BindPolicy | None:
     fastapi_app.add_exception_handler(json.JSONDecodeError, _invalid_json)
     fastapi_app.add_exception_handler(requests.HTTPError, _identity_provider_refused)
     # The stack was built for the lifespan call already; add ours (OriginGuard outermost, CORS only for
-    # MONAI_LABEL_CORS_ORIGINS, then ServerGuard) and rebuild it.
+    # MRANNOTATOR_CORS_ORIGINS, then ServerGuard) and rebuild it.
     origin.install(fastapi_app, loopback=not policy.remote)
     fastapi_app.user_middleware.append(_middleware(ServerGuard, policy=policy))
     fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()

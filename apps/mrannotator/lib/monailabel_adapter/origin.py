@@ -5,9 +5,11 @@ means ``*``) and allows every method in a preflight: a page on any site could de
 annotator's loopback server and read its images. Here:
 
 - CORS is off by default: the OHIF the server serves is same-origin and needs none. Sites that need
-  it are listed in ``MONAI_LABEL_CORS_ORIGINS`` (MONAI Label's own setting, a JSON list such as
-  ``'["https://viewer.example.org"]'``); only they get CORS headers. A cross-origin GET gets no
-  ``Access-Control-Allow-Origin``, so a page on another site cannot read the answer.
+  it are listed in ``MRANNOTATOR_CORS_ORIGINS`` (comma-separated, e.g.
+  ``https://viewer.example.org,http://10.0.0.5:3000``); only they get CORS headers. A cross-origin GET
+  gets no ``Access-Control-Allow-Origin``, so a page on another site cannot read the answer.
+  (MONAI Label's own ``MONAI_LABEL_CORS_ORIGINS`` cannot be used: with pydantic 2, ``monailabel
+  start_server`` fails on it, "Object of type AnyHttpUrl is not JSON serializable".)
 - A state-changing request (any method but GET, HEAD, OPTIONS) is refused with 403 when a browser
   says it comes from another site: an ``Origin`` that is neither this server nor allow-listed
   (``null`` included), or no ``Origin`` and ``Sec-Fetch-Site: cross-site`` / ``same-site`` (another
@@ -20,6 +22,7 @@ annotator's loopback server and read its images. Here:
 from __future__ import annotations
 
 import logging
+import os
 from urllib.parse import urlsplit
 
 from fastapi.responses import JSONResponse
@@ -28,6 +31,7 @@ from .bind import is_loopback
 
 logger = logging.getLogger(__name__)
 
+CORS_SETTING = "MRANNOTATOR_CORS_ORIGINS"
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -45,11 +49,16 @@ def normalised_origin(value: str) -> str | None:
 
 
 def allowed_origins() -> frozenset[str]:
-    """MONAI_LABEL_CORS_ORIGINS, normalised (MONAI Label's setting; empty here means no CORS at all)."""
-    from monailabel.config import settings
-
-    out = {normalised_origin(str(o)) for o in settings.MONAI_LABEL_CORS_ORIGINS or []}
-    return frozenset(o for o in out if o)
+    """MRANNOTATOR_CORS_ORIGINS, normalised (empty: no CORS at all); an entry that is no origin stops
+    the start with a message (a typo must not silently leave a site out or let every site in)."""
+    out = set()
+    for entry in os.environ.get(CORS_SETTING, "").split(","):
+        if entry.strip():
+            origin = normalised_origin(entry)
+            if origin is None or urlsplit(entry.strip()).path.strip("/"):
+                raise ValueError(f"{CORS_SETTING}: {entry.strip()!r} is not an origin (scheme://host[:port])")
+            out.add(origin)
+    return frozenset(out)
 
 
 def _headers(scope) -> dict[bytes, str]:
@@ -91,7 +100,7 @@ def cross_site_refusal(scope, allowed: frozenset[str], loopback: bool) -> str | 
         if normal is not None and (_same_origin(normal, scope, headers) or normal in allowed):
             return None
         return (f"{scope['method']} from the page at {origin!r} is refused: it is neither this server nor listed "
-                "in MONAI_LABEL_CORS_ORIGINS")
+                "in MRANNOTATOR_CORS_ORIGINS")
     site = headers.get(b"sec-fetch-site", "").lower()
     if site in ("cross-site", "same-site"):
         return f"{scope['method']} from a {site} page is refused (Sec-Fetch-Site: {site}, no Origin)"
