@@ -140,6 +140,7 @@ async def proxy_dicom(request, op: str, path: str):
         kind, resource = dicomweb_resource(request.method, path)
         query = forwarded_query(request.scope.get("query_string", b""))
     except ProxyRefused as e:
+        logger.warning(f"DICOMweb proxy refused {request.method} {path!r}: {e}")
         return JSONResponse({"detail": str(e)}, status_code=e.status)
     url = f"{studies}/{_prefix(kind)}{resource}" + (f"?{query}" if query else "")
     headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_REQUEST}
