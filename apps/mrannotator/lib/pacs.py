@@ -150,6 +150,10 @@ class GuardedClient:
                 error = pacs_error(self.health, e)
                 if error is not None:
                     raise error from None
+                if isinstance(e, requests.HTTPError) and e.response is not None:
+                    # never a bare HTTPError: the app answers those as the identity provider refusing a login
+                    raise HTTPException(status_code=502, detail=problem(self.health.url, status=e.response.status_code)
+                                        ) from None
                 raise
             self.health.ok()
             return out

@@ -45,7 +45,8 @@ def normalised_origin(value: str) -> str | None:
         return None
     if parts.scheme.lower() not in DEFAULT_PORTS or not parts.hostname or port is None:
         return None
-    return f"{parts.scheme.lower()}://{parts.hostname.lower()}:{port}"
+    host = parts.hostname.lower()
+    return f"{parts.scheme.lower()}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def allowed_origins() -> frozenset[str]:
