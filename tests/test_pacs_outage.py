@@ -150,6 +150,7 @@ def _every_route(server, pacs, label_path) -> dict[str, tuple[int, float, str]]:
 def _check_outage(answers, pacs, kind):
     slowest = max(t for _, t, _ in answers.values())
     FIGURES[f"slowest answer, PACS {kind} (s)"] = slowest
+    print(f"\nPACS {kind}:\n" + "\n".join(f"  {s} in {t:.2f} s  {c}" for c, (s, t, _) in answers.items()))
     for call, (status, took, text) in answers.items():
         assert status < 500 or status == 503, (call, status, text)
         assert took < ANSWER_WITHIN_S, (call, took)

@@ -369,6 +369,7 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
                    label_id: str = "") -> str:
         check_name(label_tag, "label tag")
         self.require_image(image_id)
+        self._client.search_for_studies(limit=1, fields=["0020000D"])  # PACS down: 503 before the SEG's work
         label = self.checked_label(image_id, label_filename)
         final = label_tag == DefaultLabelTag.FINAL
         if not final:  # an infer result (or a draft): kept in the cache for this tag
