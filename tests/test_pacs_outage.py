@@ -204,6 +204,7 @@ def test_wrong_pacs_credentials_name_the_settings_and_the_challenge_stays_at_the
         assert "identity provider" not in r.text
     finally:
         pacs.start(password=right)
+    assert "check MONAI_LABEL_DICOMWEB_USERNAME / MONAI_LABEL_DICOMWEB_PASSWORD" in server.log_text()
     _no_traceback(server)
 
 

@@ -144,6 +144,11 @@ def test_a_pacs_that_is_down_fails_fast_after_the_first_failure():
         client.search_for_studies()  # within the retry interval: no network at all
     assert time.monotonic() - t0 < 0.05
     assert client.health.down == e.value.detail
+    # whole series and STOW: a longer read timeout (callers probe with a quick search first)
+    assert pacs.is_transfer("retrieve_series") and pacs.is_transfer("store_instances")
+    assert not pacs.is_transfer("retrieve_series_metadata") and not pacs.is_transfer("search_for_series")
+    assert client._wrapped._timeout == pacs.timeouts()
+    assert client._transfer._timeout == (pacs.CONNECT_TIMEOUT_S, pacs.TRANSFER_READ_TIMEOUT_S)
 
 
 def test_pacs_answers_map_to_messages():

@@ -231,6 +231,7 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
         folder = self._series_dir(image_id)
         with self._lock:
             if not folder.is_dir():
+                self._client.search_for_instances(study, image_id, limit=1)  # PACS down: 503 at once
                 tmp = Path(tempfile.mkdtemp(dir=self._root / "series", prefix=".fetch-"))
                 try:
                     for n, ds in enumerate(self._client.retrieve_series(study, image_id)):
@@ -278,6 +279,7 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
     def _seg_dataset(self, study: str, seg_series: str) -> Dataset:
         path = self._root / "segs" / f"{seg_series}.dcm"
         if not path.is_file():
+            self._client.search_for_instances(study, seg_series, limit=1)  # PACS down: 503 at once
             instances = self._client.retrieve_series(study, seg_series)
             if len(instances) != 1:
                 raise unprocessable(f"SEG series {seg_series} holds {len(instances)} instances; expected one")

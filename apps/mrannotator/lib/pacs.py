@@ -27,6 +27,9 @@ from fastapi import HTTPException
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 2.0
+# retrieving a whole series or storing a SEG may take a PACS longer to answer; callers probe first with a
+# quick search, so a PACS that is down still answers 503 within the quick timeouts
+TRANSFER_READ_TIMEOUT_S = 60.0
 RETRY_AFTER_S = 3.0
 CREDENTIALS = "MONAI_LABEL_DICOMWEB_USERNAME / MONAI_LABEL_DICOMWEB_PASSWORD"
 # PACS answers that mean "not usable now" rather than "this request is wrong"
@@ -129,15 +132,22 @@ def health_for(url: str) -> PacsHealth:
         return _health.setdefault(key, PacsHealth(key))
 
 
-class GuardedClient:
-    """A DICOMweb client whose calls fail fast while the PACS is down and raise PacsUnavailable."""
+def is_transfer(name: str) -> bool:
+    """Client methods that move whole series / instances (the long read timeout)."""
+    return name == "store_instances" or (name.startswith(("retrieve_", "iter_")) and "metadata" not in name)
 
-    def __init__(self, client, health: PacsHealth):
+
+class GuardedClient:
+    """A DICOMweb client whose calls fail fast while the PACS is down and raise PacsUnavailable;
+    transfers go through ``transfer`` (same session, longer read timeout)."""
+
+    def __init__(self, client, health: PacsHealth, transfer=None):
         self._wrapped = client
+        self._transfer = transfer or client
         self.health = health
 
     def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._wrapped, name)
+        attr = getattr(self._transfer if is_transfer(name) else self._wrapped, name)
         if not callable(attr) or name.startswith("_"):
             return attr
 
@@ -167,6 +177,8 @@ def guarded_client(url: str, username: str = "", password: str = "", **prefixes)
     from monailabel.datastore.dicom import DICOMwebClientX
 
     session = create_session_from_user_pass(username, password) if username and password else None
-    client = DICOMwebClientX(url=url, session=session, timeout=timeouts(), **prefixes)
-    client.set_http_retry_params(retry=False)
-    return GuardedClient(client, health_for(url))
+    clients = [DICOMwebClientX(url=url, session=session, timeout=t, **prefixes)
+               for t in (timeouts(), (CONNECT_TIMEOUT_S, TRANSFER_READ_TIMEOUT_S))]
+    for client in clients:
+        client.set_http_retry_params(retry=False)
+    return GuardedClient(clients[0], health_for(url), transfer=clients[1])
