@@ -166,3 +166,28 @@ def test_pacs_answers_map_to_messages():
     assert pacs.pacs_error(health, ValueError("x")) is None
     health.ok()
     assert health.down is None
+
+
+def _proxy(method: str, path: str, query: bytes = b""):
+    import asyncio
+
+    from lib.monailabel_adapter.dicomweb_proxy import proxy_dicom
+    from starlette.requests import Request
+
+    request = Request({"type": "http", "method": method, "path": f"/proxy/dicom/{path}", "query_string": query,
+                       "headers": []})
+    return asyncio.run(proxy_dicom(request, "", path))
+
+
+def test_the_proxy_answers_for_itself_before_any_pacs_request(monkeypatch):
+    from monailabel.config import settings
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_STUDIES", "/data/studies")
+    r = _proxy("GET", "studies")
+    assert r.status_code == 404 and b"local folder" in r.body
+    url = f"http://127.0.0.1:{_closed_port()}/dicom-web"
+    monkeypatch.setattr(settings, "MONAI_LABEL_STUDIES", url)
+    r = _proxy("POST", "../../tools/shutdown")
+    assert r.status_code == 400 and b"'..'" in r.body
+    r = _proxy("GET", "studies", b"includefield=00081030%2C00080060")
+    assert r.status_code == 503 and url.encode() in r.body and int(r.headers["retry-after"]) > 0
