@@ -103,16 +103,16 @@ ALLOWED = frozenset({"https://viewer.example.org:443", "http://10.0.0.5:3000"})
     (_scope("POST", host="localhost:8000", origin="http://localhost:8000"), False),
 ])
 def test_cross_site_state_changes_are_refused(scope, refused):
-    assert (origin.cross_site_refusal(scope, ALLOWED, loopback=True) is not None) == refused
+    assert (origin.cross_site_refusal(scope, ALLOWED, check_host=True) is not None) == refused
 
 
-def test_a_rebinding_host_is_refused_on_loopback_only():
+def test_a_rebinding_host_is_refused_when_the_host_is_checked():
     scope = _scope("GET", host="evil.example:8000")
-    assert "rebinding" in origin.cross_site_refusal(scope, frozenset(), loopback=True)
-    assert origin.cross_site_refusal(scope, frozenset(), loopback=False) is None
+    assert "rebinding" in origin.cross_site_refusal(scope, frozenset(), check_host=True)
+    assert origin.cross_site_refusal(scope, frozenset(), check_host=False) is None
     # behind a reverse proxy (no port in Host) the host decides
     behind = _scope("POST", host="annotate.hospital.org", origin="https://annotate.hospital.org")
-    assert origin.cross_site_refusal(behind, frozenset(), loopback=False) is None
+    assert origin.cross_site_refusal(behind, frozenset(), check_host=False) is None
 
 
 def test_the_allow_list_setting_is_checked(monkeypatch):

@@ -95,7 +95,7 @@ def install(upload_root: Path) -> BindPolicy | None:
     fastapi_app.add_exception_handler(requests.HTTPError, _identity_provider_refused)
     # The stack was built for the lifespan call already; add ours (OriginGuard outermost, CORS only for
     # MRANNOTATOR_CORS_ORIGINS, then ServerGuard) and rebuild it.
-    origin.install(fastapi_app, loopback=not policy.remote)
+    origin.install(fastapi_app, check_host=not policy.remote and not auth)
     fastapi_app.user_middleware.append(_middleware(ServerGuard, policy=policy))
     fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
     _installed = policy

@@ -15,8 +15,10 @@ annotator's loopback server and read its images. Here:
   (``null`` included), or no ``Origin`` and ``Sec-Fetch-Site: cross-site`` / ``same-site`` (another
   port on the same host is another origin). Checked before auth, so it holds without auth too.
   Clients that are no browser (3D Slicer, scripts) send neither header and are not affected.
-- On a loopback bind, a ``Host`` that is not a loopback name is refused (403): a DNS-rebinding page
-  (``evil.example`` resolving to 127.0.0.1) would otherwise be same-origin with the server.
+- On a loopback bind without auth, a ``Host`` that is not a loopback name is refused (403): a
+  DNS-rebinding page (``evil.example`` resolving to 127.0.0.1) would otherwise be same-origin with the
+  server. With auth such a page has no token; and an authenticating reverse proxy in front of a loopback
+  server (apps/mrannotator/README.md) passes the public host name on.
 """
 
 from __future__ import annotations
@@ -85,10 +87,10 @@ def _same_origin(origin: str, scope, headers: dict[bytes, str]) -> bool:
     return port is None or parts.port == port
 
 
-def cross_site_refusal(scope, allowed: frozenset[str], loopback: bool) -> str | None:
+def cross_site_refusal(scope, allowed: frozenset[str], check_host: bool) -> str | None:
     """Why this request is refused as cross-site (403), or None."""
     headers = _headers(scope)
-    if loopback:
+    if check_host:
         host, _ = _host_and_port(scope, headers)
         if host and not (is_loopback(host.strip("[]")) or host.endswith(".localhost")):
             return (f"Host {host!r} is not this loopback server's address (a page on another site, through DNS "
@@ -111,23 +113,24 @@ def cross_site_refusal(scope, allowed: frozenset[str], loopback: bool) -> str | 
 class OriginGuard:
     """Outermost middleware: refuses cross-site requests as described in the module docstring."""
 
-    def __init__(self, app, allowed: frozenset[str], loopback: bool):
+    def __init__(self, app, allowed: frozenset[str], check_host: bool):
         self.app = app
         self.allowed = allowed
-        self.loopback = loopback
+        self.check_host = check_host
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            refusal = cross_site_refusal(scope, self.allowed, self.loopback)
+            refusal = cross_site_refusal(scope, self.allowed, self.check_host)
             if refusal is not None:
                 logger.warning(f"refused {scope['method']} {scope['path']}: {refusal}")
                 return await JSONResponse({"detail": refusal}, status_code=403)(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
-def install(fastapi_app, loopback: bool) -> frozenset[str]:
+def install(fastapi_app, check_host: bool) -> frozenset[str]:
     """Replace MONAI Label's any-origin CORS with the allow-list (or none) behind OriginGuard; returns
-    the allow-list. The caller rebuilds the middleware stack."""
+    the allow-list. ``check_host``: the DNS-rebinding check (loopback bind, auth off). The caller
+    rebuilds the middleware stack."""
     from starlette.middleware import Middleware
     from starlette.middleware.cors import CORSMiddleware
 
@@ -137,7 +140,7 @@ def install(fastapi_app, loopback: bool) -> frozenset[str]:
         sent = [o.removesuffix(":443") if o.startswith("https:") else o.removesuffix(":80") for o in allowed]
         kept.insert(0, Middleware(CORSMiddleware, allow_origins=sorted(sent), allow_credentials=True,
                                   allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"], allow_headers=["*"]))
-    fastapi_app.user_middleware[:] = [Middleware(OriginGuard, allowed=allowed, loopback=loopback)] + kept
+    fastapi_app.user_middleware[:] = [Middleware(OriginGuard, allowed=allowed, check_host=check_host)] + kept
     logger.info(f"cross-origin requests: CORS for {sorted(allowed) or 'no other site'}; cross-site "
                 "state changes refused")
     return allowed
