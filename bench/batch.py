@@ -103,7 +103,7 @@ def loop_script(weights: Path, src: Path, out: Path, routed: bool) -> str:
     return f"""
 import json, time; from pathlib import Path
 from mrannotator import Segmenter
-from mrannotator.cli import write_outputs
+from mrannotator.outputs import write_outputs
 from mrannotator.dicom import find_series, load_series
 from mrannotator.imageio import load_image
 src, out, routed, weights = Path({str(src)!r}), Path({str(out)!r}), {routed}, {str(weights)!r}

@@ -207,7 +207,7 @@ def test_on_a_network_bind_without_auth_destructive_routes_are_refused():
         out = {}
         policy = adapter.BindPolicy(host="0.0.0.0", explicit=True, auth=False)
         guarded = adapter.ServerGuard(app, policy)
-        saved, adapter.precheck = adapter.precheck, lambda *a: None  # no MONAI Label app in this process
+        saved, adapter.checks.precheck = adapter.checks.precheck, lambda *a: None  # no MONAI Label app here
         try:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(guarded), base_url="http://t") as c:
                 for method, path in [("DELETE", "/datastore/image?id=a"), ("DELETE", "/datastore/label?id=a&tag=t"),
@@ -216,7 +216,7 @@ def test_on_a_network_bind_without_auth_destructive_routes_are_refused():
                                      ("POST", "/infer/mrannotator?image=a")]:
                     out[(method, path.split("?")[0])] = (await c.request(method, path)).status_code
         finally:
-            adapter.precheck = saved
+            adapter.checks.precheck = saved
         return out
 
     status = asyncio.run(run())

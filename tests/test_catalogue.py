@@ -67,3 +67,36 @@ def test_regions_and_aliases_are_catalogue_data():
     assert expand_regions(["all"]) is None and expand_regions(None) is None
     with pytest.raises(InputError, match="unknown region 'elbow'.*abdomen.*spine"):
         expand_regions(["elbow"])
+
+
+# SNOMED CT codes written down from SNOMED CT itself (concept id, preferred term), not read from the catalogue:
+# a wrong or renumbered code in catalogue.toml changes every SEG, SR and Slicer segment we write.
+PINNED_SNOMED = {
+    # paired structures: one type code, laterality as the modifier (24028007 Right, 7771000 Left)
+    "kidney_right": ("64033007", "Kidney", "24028007", "Right"),
+    "kidney_left": ("64033007", "Kidney", "7771000", "Left"),
+    "humerus_right": ("85050009", "Humerus", "24028007", "Right"),
+    "humerus_left": ("85050009", "Humerus", "7771000", "Left"),
+    "clavicle_right": ("51299004", "Clavicle", "24028007", "Right"),
+    "clavicle_left": ("51299004", "Clavicle", "7771000", "Left"),
+    "scapula_right": ("79601000", "Scapula", "24028007", "Right"),
+    "scapula_left": ("79601000", "Scapula", "7771000", "Left"),
+    # unpaired
+    "liver": ("10200004", "Liver", None, None),
+    "spleen": ("78961009", "Spleen", None, None),
+    "aorta": ("15825003", "Aorta", None, None),
+    "prostate": ("41216001", "Prostate", None, None),
+    "femur": ("71341001", "Femur", None, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_SNOMED))
+def test_snomed_codes_are_the_pinned_ones(name):
+    code, meaning, lat_code, lat_meaning = PINNED_SNOMED[name]
+    s = load_catalogue().get(name)
+    assert (s.type.scheme, s.type.code, s.type.meaning) == ("SCT", code, meaning)
+    assert (s.category.scheme, s.category.code) == ("SCT", "123037004")  # Anatomical Structure
+    if lat_code is None:
+        assert s.laterality is None
+    else:
+        assert (s.laterality.scheme, s.laterality.code, s.laterality.meaning) == ("SCT", lat_code, lat_meaning)

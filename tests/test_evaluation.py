@@ -16,7 +16,7 @@ import warnings
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage, stats
+from scipy import ndimage
 
 from mrannotator import load_catalogue
 from mrannotator.cli import main as cli_main
@@ -161,26 +161,33 @@ def test_compare_with_an_earlier_evaluation(tmp_path, abdomen):
 
 # ------------------------------------------------------------------ confidence intervals
 def test_ci_normal_sample_gets_t_interval():
-    x = 0.85 + 0.03 * stats.norm.ppf(np.linspace(0.03, 0.97, 25))  # textbook normal
+    # Five evenly spaced Dice values: mean 0.84, sample SD sqrt(0.004 / 4) = 0.0316228 (by hand), Shapiro-Wilk
+    # finds nothing against normality. t(0.975, df=4) = 2.7764 (any t table), so the half-width is
+    # 2.7764 * 0.0316228 / sqrt(5) = 0.039265 and the interval is 0.800735 .. 0.879265.
+    x = [0.80, 0.82, 0.84, 0.86, 0.88]
     ci = confidence_interval(x)
-    assert ci["method"] == "normal" and ci["normal"] is True and ci["shapiro_p"] > 0.5
-    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
-    assert (ci["ci_low"], ci["ci_high"]) == pytest.approx((x.mean() - half, x.mean() + half))
-    assert ci["n"] == 25 and ci["median"] == pytest.approx(np.median(x))
+    assert ci["method"] == "normal" and ci["normal"] is True
+    assert ci["n"] == 5 and ci["mean"] == pytest.approx(0.84) and ci["median"] == pytest.approx(0.84)
+    assert ci["sd"] == pytest.approx(0.0316228, abs=1e-7)
+    assert (ci["ci_low"], ci["ci_high"]) == pytest.approx((0.800735, 0.879265), abs=2e-6)
 
 
 def test_ci_skewed_sample_gets_seeded_bootstrap():
-    rng = np.random.default_rng(7)
-    x = np.r_[rng.uniform(0.88, 0.95, 22), 0.0, 0.04, 0.3]  # mostly good, a few failures
+    # 20 successes (Dice 1) and 5 failures (Dice 0) of 25 cases: far from normal. The bootstrap mean of such a
+    # sample is Binomial(25, 0.8) / 25 exactly; from the binomial table P(X <= 14) = 0.017, P(X <= 15) = 0.047,
+    # P(X <= 23) = 0.973, P(X <= 24) = 0.996, so the true 2.5 % and 97.5 % points are 15/25 = 0.60 and
+    # 24/25 = 0.96. 1,000 seeded resamples may land one step (0.04) either side.
+    x = [1.0] * 20 + [0.0] * 5
     ci = confidence_interval(x, seed=3)
     assert ci["method"] == "bootstrap" and ci["normal"] is False and ci["shapiro_p"] < 0.05
+    assert ci["mean"] == pytest.approx(0.8)
+    assert 0.56 - 1e-9 <= ci["ci_low"] <= 0.64 + 1e-9 and 0.92 - 1e-9 <= ci["ci_high"] <= 1.0
     assert ci == confidence_interval(x, seed=3)  # reproducible
-    other = confidence_interval(x, seed=4)
-    assert (other["ci_low"], other["ci_high"]) != (ci["ci_low"], ci["ci_high"])
-    assert x.min() < ci["ci_low"] < x.mean() < ci["ci_high"] < x.max()
-    # the same as 1,000 seeded percentile-bootstrap resamples of the mean
-    ref = stats.bootstrap((x,), np.mean, n_resamples=1000, method="percentile", rng=np.random.default_rng(3))
-    assert (ci["ci_low"], ci["ci_high"]) == (ref.confidence_interval.low, ref.confidence_interval.high)
+    rng = np.random.default_rng(7)
+    skewed = np.r_[rng.uniform(0.88, 0.95, 22), 0.0, 0.04, 0.3]  # mostly good, a few failures
+    a, b = confidence_interval(skewed, seed=3), confidence_interval(skewed, seed=4)
+    assert (a["ci_low"], a["ci_high"]) != (b["ci_low"], b["ci_high"])  # the seed is used
+    assert skewed.min() < a["ci_low"] < skewed.mean() < a["ci_high"] < skewed.max()
 
 
 def test_ci_degenerate_samples():

@@ -248,6 +248,15 @@ def test_seg_segments_codes_and_model_info(app_runs, studies, demo_weights):
     # both kidneys: laterality as modifier, same type code
     names = {item.TrackingID for item in seg.SegmentSequence}
     assert {"kidney_left", "kidney_right"} <= names
+    # the codes as written, against SNOMED CT itself (not the catalogue the writer reads)
+    by_name = {item.TrackingID: item for item in seg.SegmentSequence}
+    for name, lat in (("kidney_right", ("24028007", "Right")), ("kidney_left", ("7771000", "Left"))):
+        t = by_name[name].SegmentedPropertyTypeCodeSequence[0]
+        assert (t.CodingSchemeDesignator, t.CodeValue, t.CodeMeaning) == ("SCT", "64033007", "Kidney")
+        m = t.SegmentedPropertyTypeModifierCodeSequence[0]
+        assert (m.CodingSchemeDesignator, m.CodeValue, m.CodeMeaning) == ("SCT", *lat)
+    liver = by_name["liver"].SegmentedPropertyTypeCodeSequence[0]
+    assert (liver.CodeValue, liver.CodeMeaning) == ("10200004", "Liver")
     # ModelInfo in the contributing equipment: Manufacturer filled (dciodvfy errors without it)
     eq = model_equipment(seg)
     assert eq.Manufacturer == "MRAnnotator project"

@@ -18,8 +18,8 @@ import pydicom
 import pytest
 import requests
 from dicom_fixtures import write_series
+from realm_support import CLIENT_ID, Realm
 from server_support import start_server, stop_server
-from test_server_auth import CLIENT_ID, Realm
 
 from mrannotator.phantoms import make_phantom
 

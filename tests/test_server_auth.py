@@ -1,36 +1,26 @@
 """Token auth with roles on a real MONAI Label server (127.0.0.1) against a local test realm.
 
-The test realm is a small HTTP server on 127.0.0.1 serving what Keycloak serves for a realm: the realm
-URL with its RSA public key, the OpenID configuration and a password-grant token endpoint (used by
-MONAI Label's /auth/token, as 3D Slicer logs in). Tokens are RS256, minted with PyJWT.
+The test realm (tests/realm_support.py) is a small HTTP server on 127.0.0.1 serving what Keycloak serves
+for a realm: its keys (JWK set and realm URL), the OpenID configuration and a password-grant token endpoint
+(used by MONAI Label's /auth/token, as 3D Slicer logs in). Tokens are RS256, minted with PyJWT.
 """
 
 from __future__ import annotations
 
-import base64
-import http.server
-import json
 import sys
-import threading
 import time
-import urllib.parse
 
 import jwt
 import nibabel as nib
 import pytest
 import requests
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from server_support import APP_DIR, body_of, client_status, free_port, start_server, stop_server
+from realm_support import CLIENT_ID, ROLES, Realm
+from server_support import APP_DIR, body_of, client_status, start_server, stop_server
 
 from mrannotator.phantoms import make_phantom
 
 pytestmark = pytest.mark.timeout(900)
-
-CLIENT_ID = "monailabel-app"
-ROLES = {"user": "monailabel-user", "annotator": "monailabel-annotator", "reviewer": "monailabel-reviewer",
-         "admin": "monailabel-admin"}
-PASSWORDS = {"anna": ("annotator", "anna-pw"), "ada": ("admin", "ada-pw")}
 
 
 def _adapter():
@@ -38,65 +28,6 @@ def _adapter():
     from lib import monailabel_adapter
 
     return monailabel_adapter
-
-
-class Realm:
-    """A Keycloak-like realm on 127.0.0.1 with its own RSA key."""
-
-    def __init__(self):
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        der = self.key.public_key().public_bytes(serialization.Encoding.DER,
-                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
-        self.public_key_b64 = base64.b64encode(der).decode()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/realms/test"
-        realm = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _json(self, status, body):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                if self.path == "/realms/test":
-                    return self._json(200, {"realm": "test", "public_key": realm.public_key_b64})
-                if self.path == "/realms/test/.well-known/openid-configuration":
-                    return self._json(200, {"issuer": realm.url,
-                                            "token_endpoint": f"{realm.url}/protocol/openid-connect/token"})
-                return self._json(404, {"error": "not found"})
-
-            def do_POST(self):
-                form = urllib.parse.parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
-                user, password = form.get("username", [""])[0], form.get("password", [""])[0]
-                if (self.path != "/realms/test/protocol/openid-connect/token" or form.get("client_id") != [CLIENT_ID]
-                        or PASSWORDS.get(user, (None, None))[1] != password):
-                    return self._json(401, {"error": "invalid_grant"})
-                return self._json(200, {"access_token": realm.token(PASSWORDS[user][0], username=user),
-                                        "token_type": "Bearer", "expires_in": 300})
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def token(self, role: str | None, *, username: str | None = None, key=None, audience=CLIENT_ID,
-              issuer: str | None = None, expires_in: float = 300, algorithm: str = "RS256") -> str:
-        now = int(time.time())
-        claims = {"iss": issuer or self.url, "aud": audience, "iat": now, "exp": now + expires_in,
-                  "sub": username or f"{role}-id", "preferred_username": username or f"{role or 'nobody'}-user",
-                  "azp": CLIENT_ID, "realm_access": {"roles": [ROLES[role]] if role else ["offline_access"]}}
-        return jwt.encode(claims, key or self.key, algorithm=algorithm)
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

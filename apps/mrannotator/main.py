@@ -27,6 +27,7 @@ from lib.dicomweb_datastore import MRAnnotatorDICOMwebDatastore, dicomweb_datast
 from lib.errors import bad_request, not_found, server_error
 from lib.monailabel_adapter import ohif as ohif_fixes
 from lib.monailabel_adapter.concurrency import RoutePools, offload_blocking_routes
+from lib.monailabel_adapter.internals import app_datastore, check_version, tasks
 from lib.service import CONF_OPTIONS, AppSettings, ModelService
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -41,7 +42,9 @@ logger = logging.getLogger(__name__)
 
 class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp as a direct base
     def __init__(self, app_dir, studies, conf):
-        # the server's fixes go in before anything else: a bind that policy refuses stops the start here
+        # the server's fixes go in before anything else: another MONAI Label, or a bind that policy refuses,
+        # stops the start here
+        check_version()
         monailabel_adapter.install(monailabel_adapter.upload_root(settings.MONAI_LABEL_SERVER_PORT))
         try:
             self.settings = AppSettings.from_conf(conf, app_dir)
@@ -101,8 +104,8 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
 
     def infer(self, request, datastore=None):
         model = request.get("model")
-        if model not in self._infers:
-            raise not_found(f"model {model!r} is not served here; served models: {', '.join(self._infers)}")
+        if model not in tasks(self, "infers"):
+            raise not_found(f"model {model!r} is not served here; served models: {', '.join(tasks(self, 'infers'))}")
         if request.get("label_tag"):
             check_name(str(request["label_tag"]), "label tag")
         ds = datastore or self.datastore()
@@ -129,24 +132,25 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
 
     def next_sample(self, request):
         strategy = request.get("strategy") or "random"
-        task = self._strategies.get(strategy)
+        task = tasks(self, "strategies").get(strategy)
         if task is None:
-            raise not_found(f"strategy {strategy!r} does not exist; choose from {', '.join(self._strategies)}")
+            raise not_found(f"strategy {strategy!r} does not exist; choose from {', '.join(tasks(self, 'strategies'))}")
         result = task(request, self.datastore())  # no scoring run per hand-out (MONAI Label starts one each time)
         if not result or not result.get("id"):
             return {}
-        result["path"] = self._datastore.get_image_uri(result["id"])
+        result["path"] = app_datastore(self).get_image_uri(result["id"])
         return result
 
     def scoring(self, request, datastore=None):
-        if request.get("method") not in self._scoring_methods:
+        if request.get("method") not in tasks(self, "scoring_methods"):
             raise not_found(f"scoring method {request.get('method')!r} does not exist; "
-                            f"choose from {', '.join(self._scoring_methods)}")
+                            f"choose from {', '.join(tasks(self, 'scoring_methods'))}")
         return super().scoring(request, datastore)
 
     def train(self, request):
-        if request.get("model") not in self._trainers:
-            raise not_found(f"trainer {request.get('model')!r} does not exist; choose from {', '.join(self._trainers)}")
+        if request.get("model") not in tasks(self, "trainers"):
+            served = ", ".join(tasks(self, "trainers"))
+            raise not_found(f"trainer {request.get('model')!r} does not exist; choose from {served}")
         return super().train(request)
 
 

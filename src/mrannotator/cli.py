@@ -1,4 +1,4 @@
-"""``mrannotator`` command line: segment, demo, weights, evaluate, batch.
+"""``mrannotator`` command line: segment, demo, weights, evaluate, batch, finetune.
 
 Exit codes: 0 success, 2 bad input or unusable output folder, 3 weights problem, 1 anything else (with its message).
 """
@@ -15,7 +15,9 @@ from pathlib import Path
 
 from .batch.cli import add_cli as add_batch_cli
 from .catalogue import region_names
-from .errors import MRAnnotatorError, OutputError
+from .errors import MRAnnotatorError
+from .finetune_cli import add_finetune_cli
+from .outputs import check_output_dir, output_paths, write_outputs  # noqa: F401 (re-exported)
 
 
 class _Progress:
@@ -26,47 +28,6 @@ class _Progress:
     def __call__(self, msg: str) -> None:
         if not self.quiet:
             print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def output_paths(out_dir: Path, case: str) -> tuple[Path, Path]:
-    return out_dir / f"{case}_seg.nii.gz", out_dir / f"{case}_structures.json"
-
-
-def check_output_dir(out_dir: Path, case: str) -> None:
-    """Before minutes of inference: the folder (or the folder it will be made in) can be written, and no
-    folder sits on a result name. Creates nothing: a run that fails later leaves no empty output folder."""
-    import tempfile
-
-    existing = out_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputError(f"cannot write to the output folder {out_dir}: {existing} is not a folder")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".mrannotator-write-check-"):
-            pass
-    except OSError as e:
-        raise OutputError(f"cannot write to the output folder {out_dir}: {e.strerror or e}") from e
-    for path in output_paths(out_dir, case):
-        if path.exists() and not path.is_file():
-            raise OutputError(f"cannot write {path}: something that is not a file is in the way")
-
-
-def write_outputs(result, out_dir: Path, case: str, source: str) -> tuple[Path, Path]:
-    """Label NIfTI + structures JSON, each written atomically (no partial file on failure)."""
-    from .imageio import save_json, save_nifti
-
-    report = {"input": source, **result.summary()}
-    seg_path, json_path = output_paths(out_dir, case)
-    seg_existed = seg_path.exists()
-    save_nifti(result.labels, seg_path)
-    try:
-        save_json(report, json_path)
-    except OSError as e:
-        if not seg_existed:  # no label map without its report
-            seg_path.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {json_path}: {e.strerror or e}") from e
-    return seg_path, json_path
 
 
 def cmd_segment(args) -> int:
@@ -216,7 +177,7 @@ def _add_evaluate(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mrannotator", description="MRI multi-structure segmentation (nnU-Net v2)")
     sub = ap.add_subparsers(dest="command", required=True)
-    for add in (_add_segment, _add_demo, _add_weights, _add_evaluate, add_batch_cli):
+    for add in (_add_segment, _add_demo, _add_weights, _add_evaluate, add_batch_cli, add_finetune_cli):
         add(sub)
     return ap
 

@@ -17,8 +17,8 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .limits import read_nifti_bytes
+from .orientation import LPS_TO_RAS
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM / ITK patient axes <-> nibabel's
 # image and label map files, as named on the command line and in evaluation folders
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM / ITK patient axes <-> nibabel's (RAS)
+
 
 @dataclass(frozen=True)
 class Reorientation:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..engine import expand_regions
+from ..catalogue import expand_regions
 from ..errors import InputError
 from ..imageio import case_name
 from .routing import Route, load_region_keywords

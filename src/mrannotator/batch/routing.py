@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-from ..engine import expand_regions
+from ..catalogue import expand_regions
 
 # the header fields routing reads, in the order a match is reported
 ROUTING_FIELDS = ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName")

@@ -102,7 +102,7 @@ class SegmentWorker:
         return record
 
     def _write(self, case: Case, result, image) -> dict:
-        from ..cli import write_outputs
+        from ..outputs import write_outputs
 
         seg_path, json_path = write_outputs(result, self.out_dir, case.name, case.path)
         outputs = {"labels": seg_path.name, "report": json_path.name}

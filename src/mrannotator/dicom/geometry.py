@@ -17,7 +17,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ..errors import InputError
-from ..imageio import LPS_TO_RAS
+from ..orientation import LPS_TO_RAS
 
 # tolerances for "one evenly spaced stack of parallel slices" (mm and direction cosines)
 POS_TOL_MM = 1e-3

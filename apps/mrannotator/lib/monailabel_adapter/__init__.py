@@ -5,10 +5,11 @@ the app (before uvicorn binds its socket). Each fix has a test in ``tests/test_s
 ``tests/test_bad_input.py`` that fails if the upstream behaviour it works around changes.
 
 1. **Token check** (``monailabel/endpoints/user/auth.py`` calls ``jwt.decode`` without ``algorithms``,
-   which PyJWT 2.x requires, so every token is refused): :func:`verify_token` checks an RS256 signature
-   with the realm's public key (the realm URL's ``public_key``, as Keycloak serves it), the audience
-   (``MONAI_LABEL_AUTH_CLIENT_ID``), the issuer (``MONAI_LABEL_AUTH_REALM_URI``) and the expiry.
-   It replaces ``from_token``, so MONAI Label's own ``/auth/token/valid`` works too.
+   which PyJWT 2.x requires, so every token is refused): :func:`verify_token` checks the signature with
+   the realm's key named by the token's ``kid`` (the realm's JWK set, or the realm URL's ``public_key``;
+   cached, fetched off the event loop with a bounded wait: ``realm_keys.py``), the audience
+   (``MONAI_LABEL_AUTH_CLIENT_ID``), the issuer (``MONAI_LABEL_AUTH_REALM_URI``), the expiry and
+   ``typ: Bearer``. It replaces ``from_token``, so MONAI Label's own ``/auth/token/valid`` works too.
 2. **Roles per route**: MONAI Label's per-endpoint RBAC is flat (a token must hold the exact role) and
    disagrees with an annotation team's needs (training needs admin, the dataset ZIP only annotator,
    model upload only annotator). :data:`ROUTE_ROLES` is the table used instead, with ordered roles
@@ -33,9 +34,12 @@ the app (before uvicorn binds its socket). Each fix has a test in ``tests/test_s
    without an image -> 400; invalid JSON in a form field ->
    400; a login the identity provider refuses -> 401 (MONAI Label answers 200 then ERROR, 200 ``{}``
    or 500).
-7. **Cross-site requests** (:mod:`.origin`): CORS only for ``MRANNOTATOR_CORS_ORIGINS`` (MONAI Label
+7. **HTTP limits** (uvicorn's h11 protocol never closes a silent or slow socket and resets oversized
+   requests): idle, header and body timeouts, a connection cap, 414/431 answers, HEAD and OPTIONS
+   (``http_limits.py``).
+8. **Cross-site requests** (:mod:`.origin`): CORS only for ``MRANNOTATOR_CORS_ORIGINS`` (MONAI Label
    allows any origin with credentials); cross-site state changes 403 with or without auth.
-8. **DICOMweb proxy** (:mod:`.dicomweb_proxy`, applied with the OHIF fixes): only OHIF's DICOMweb
+9. **DICOMweb proxy** (:mod:`.dicomweb_proxy`, applied with the OHIF fixes): only OHIF's DICOMweb
    resources, normalised; STOW for annotators; the PACS's challenge never forwarded; PACS down -> 503.
 """
 
@@ -52,9 +56,9 @@ import requests
 from fastapi import FastAPI
 from monailabel.config import settings
 
-from . import origin, uploads
+from . import http_limits, origin, uploads
 from .auth import _identity_provider_refused, _rbac_checked_by_middleware, from_token, verify_token  # noqa: F401
-from .bind import BindPolicy, apply_bind_policy, start_server_host  # noqa: F401
+from .bind import BindPolicy, _uvicorn_configs, apply_bind_policy, start_server_host  # noqa: F401
 from .checks import _invalid_json, precheck  # noqa: F401
 from .middleware import ServerGuard
 from .roles import PUBLIC, ROUTE_ROLES, match_route, required_role, role_names  # noqa: F401
@@ -89,6 +93,7 @@ def install(upload_root: Path) -> BindPolicy | None:
     upstream_auth.RBAC.__call__ = _rbac_checked_by_middleware()  # roles: ROUTE_ROLES, checked by ServerGuard
 
     uploads.install(upload_root)
+    http_limits.install(_uvicorn_configs())  # timeouts, connection cap, 414/431 (before uvicorn binds)
 
     _declare_roles_in_openapi(fastapi_app)
     fastapi_app.add_exception_handler(json.JSONDecodeError, _invalid_json)

@@ -1,10 +1,11 @@
-"""Token check: MONAI Label 0.8.5 calls ``jwt.decode`` without ``algorithms`` (fix 1)."""
+"""Token check: MONAI Label 0.8.5 calls ``jwt.decode`` without ``algorithms`` (fix 1); keys from
+:mod:`.realm_keys` (JWKS by ``kid``, cached, fetched off the event loop)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-import time
 from typing import Any
 
 import jwt
@@ -13,58 +14,106 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from monailabel.config import settings
 
+from .realm_keys import LEGACY, KeyPolicy, RealmKeys, RealmUnavailable
 from .roles import ROLE_ORDER, role_names
 
 logger = logging.getLogger(__name__)
 
 
-class RealmUnavailable(RuntimeError):
-    """The realm's public key could not be fetched (the identity provider is down or misconfigured)."""
+_stores: dict[str, RealmKeys] = {}
+_stores_lock = threading.Lock()
+_refreshing: dict[str, asyncio.Future] = {}
 
 
-_KEY_TTL_S = 300.0
-_key_cache: dict[str, tuple[float, str]] = {}
-_key_lock = threading.Lock()
+def realm_keys(realm_uri: str) -> RealmKeys:
+    """The key cache of a realm (one per realm URL, created on first use)."""
+    with _stores_lock:
+        store = _stores.get(realm_uri)
+        if store is None:
+            store = _stores[realm_uri] = RealmKeys(realm_uri, KeyPolicy.from_env(settings.MONAI_LABEL_AUTH_TIMEOUT))
+        return store
 
 
-def realm_public_key(realm_uri: str, max_age_s: float = _KEY_TTL_S) -> str:
-    """PEM public key served at the realm URL (``{"public_key": ...}``, as Keycloak does), cached 5 min."""
-    with _key_lock:
-        hit = _key_cache.get(realm_uri)
-        if hit and time.monotonic() - hit[0] < max_age_s:
-            return hit[1]
+def _checked_claims(token: str, store: RealmKeys, fetched: bool | None) -> dict[str, Any] | None:
+    """Claims of a valid access token, or None when the realm's keys must be fetched first (never fetches).
+    ``fetched``: None before a refresh, else whether the refresh read the realm (False: it was read less
+    than ``min_refresh_s`` ago). ``jwt.InvalidTokenError``: 401; RealmUnavailable: the key the token needs
+    cannot be read now (503)."""
     try:
-        r = requests.get(realm_uri, timeout=settings.MONAI_LABEL_AUTH_TIMEOUT)
-        r.raise_for_status()
-        key = r.json()["public_key"]
-    except (requests.RequestException, ValueError, KeyError) as e:
-        raise RealmUnavailable(f"cannot read the realm's public key from {realm_uri}: {type(e).__name__}") from e
-    pem = f"-----BEGIN PUBLIC KEY-----\n{key}\n-----END PUBLIC KEY-----"
-    with _key_lock:
-        _key_cache[realm_uri] = (time.monotonic(), pem)
-    return pem
+        kid = jwt.get_unverified_header(token).get("kid")
+    except jwt.PyJWTError as e:
+        raise jwt.InvalidTokenError(f"not a JWT: {e}") from e
+    if kid is not None and not isinstance(kid, str):
+        raise jwt.InvalidTokenError("the token's kid is not a string")
+    key = store.key(kid)
+    if key is None:
+        if fetched is None:
+            return None
+        if store.is_broken(kid):
+            raise RealmUnavailable(f"the realm serves the key {kid!r} in a form that cannot be read")
+        if not fetched and kid is not None:  # a key newer than our last read: the client may retry
+            raise RealmUnavailable(f"the key {kid!r} is not among the realm's keys read a moment ago")
+        raise jwt.InvalidTokenError(f"the token is signed with a key the realm does not list (kid {kid!r})")
+    try:
+        claims = jwt.decode(
+            token,
+            key.key,
+            algorithms=[key.algorithm],
+            audience=settings.MONAI_LABEL_AUTH_CLIENT_ID,
+            issuer=store.realm_uri,
+            options={"require": ["exp", "iss", "aud"]},
+            leeway=10,  # clock skew between the identity provider and this server
+        )
+    except jwt.InvalidSignatureError:
+        if kid is None and fetched is None and store.key(LEGACY) is key:  # the realm URL's key may be new
+            return None
+        if store.is_broken(kid):
+            raise RealmUnavailable("the realm's new key cannot be read") from None
+        raise
+    if claims.get("typ") != "Bearer":  # Keycloak: "ID" and "Refresh" tokens are not access tokens
+        raise jwt.InvalidTokenError(f"an access token (typ Bearer) is required, not typ {claims.get('typ')!r}")
+    return claims
 
 
 def verify_token(token: str) -> dict[str, Any]:
     """Claims of a valid access token; ``jwt.InvalidTokenError`` for a bad signature, audience, issuer,
-    algorithm or an expired token."""
-    realm = settings.MONAI_LABEL_AUTH_REALM_URI
+    algorithm, type or an expired token; RealmUnavailable when its key cannot be read now (may block for
+    one bounded key fetch: use :func:`verify_token_async` on the event loop)."""
+    store = realm_keys(settings.MONAI_LABEL_AUTH_REALM_URI)
+    claims = _checked_claims(token, store, None)
+    if claims is None:
+        claims = _checked_claims(token, store, store.refresh())
+    return claims
 
-    def decode(key: str) -> dict[str, Any]:
-        return jwt.decode(
-            token,
-            key,
-            algorithms=["RS256"],
-            audience=settings.MONAI_LABEL_AUTH_CLIENT_ID,
-            issuer=realm,
-            options={"require": ["exp", "iss", "aud"]},
-            leeway=10,  # clock skew between the identity provider and this server
-        )
 
+async def verify_token_async(token: str) -> dict[str, Any]:
+    """:func:`verify_token` for the event loop: cached keys are used at once; a needed fetch runs in a
+    worker thread, shared by every request that needs it, and waits at most the fetch timeout."""
+    store = realm_keys(settings.MONAI_LABEL_AUTH_REALM_URI)
+    claims = _checked_claims(token, store, None)
+    if claims is None:
+        claims = _checked_claims(token, store, await _refresh(store))
+    elif store.stale() and store.unavailable() is None:
+        _refresh_task(store).add_done_callback(lambda f: f.cancelled() or f.exception())  # in the background
+    return claims
+
+
+def _refresh_task(store: RealmKeys) -> asyncio.Future:
+    task = _refreshing.get(store.realm_uri)
+    if task is None or task.done():
+        task = _refreshing[store.realm_uri] = asyncio.ensure_future(asyncio.to_thread(store.refresh))
+    return task
+
+
+async def _refresh(store: RealmKeys) -> bool:
+    failure = store.unavailable()  # negative cache: no wait at all
+    if failure is not None:
+        raise failure
     try:
-        return decode(realm_public_key(realm))
-    except jwt.InvalidSignatureError:  # the realm may have rotated its key: read it again (at most every 30 s)
-        return decode(realm_public_key(realm, max_age_s=30.0))
+        return await asyncio.wait_for(asyncio.shield(_refresh_task(store)), store.policy.timeout_s + 0.5)
+    except TimeoutError:
+        store.note_failure(f"the realm {store.realm_uri} did not answer within {store.policy.timeout_s:g} s")
+        raise RealmUnavailable(store.last_error) from None
 
 
 def token_roles(claims: dict[str, Any]) -> list[str]:

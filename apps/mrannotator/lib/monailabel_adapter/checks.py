@@ -8,6 +8,8 @@ from urllib.parse import parse_qs
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from .internals import tasks
+
 
 def _query(scope) -> dict[str, str]:
     return {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
@@ -19,10 +21,10 @@ def precheck(method: str, template: str, path: str, query: dict[str, str]) -> tu
 
     app = app_instance()
     last = path.rstrip("/").rsplit("/", 1)[-1]
-    if (method, template) == ("POST", "/train/{model}") and last not in app._trainers:
-        return 404, f"trainer {last!r} does not exist; choose from {', '.join(app._trainers)}"
-    if (method, template) == ("POST", "/scoring/{method}") and last not in app._scoring_methods:
-        return 404, f"scoring method {last!r} does not exist; choose from {', '.join(app._scoring_methods)}"
+    if (method, template) == ("POST", "/train/{model}") and last not in tasks(app, "trainers"):
+        return 404, f"trainer {last!r} does not exist; choose from {', '.join(tasks(app, 'trainers'))}"
+    if (method, template) == ("POST", "/scoring/{method}") and last not in tasks(app, "scoring_methods"):
+        return 404, f"scoring method {last!r} does not exist; choose from {', '.join(tasks(app, 'scoring_methods'))}"
     if (method, template) == ("POST", "/infer/{model}") and not query.get("image") and not query.get("session_id"):
         return 400, "infer needs image=<datastore image id> (or session_id=<session>)"
     datastore = app.datastore()

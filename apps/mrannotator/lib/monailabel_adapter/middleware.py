@@ -4,6 +4,7 @@ folders; and the 3D Slicer client's stale multipart boundary (fix 5)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from typing import Any
@@ -11,8 +12,8 @@ from typing import Any
 import jwt
 from fastapi.responses import JSONResponse
 
-from . import uploads
-from .auth import RealmUnavailable, role_level, token_roles, verify_token
+from . import http_limits, uploads
+from .auth import RealmUnavailable, role_level, token_roles, verify_token_async
 from .bind import BindPolicy
 from .checks import _checked, _query
 from .roles import PUBLIC, ROLE_ORDER, match_route, required_role, role_names
@@ -39,8 +40,10 @@ class ServerGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         method, path = scope["method"], scope["path"]
+        if method == "OPTIONS":  # a plain OPTIONS (CORS preflights are answered before): the route's methods
+            return await http_limits.options_answer(path)(scope, receive, send)
         role = required_role(method, path)
-        refusal = self._authorize(scope, method, path, role)
+        refusal = await self._authorize(scope, method, path, role)
         if refusal is None and self.policy.refuses(method, path):
             refusal = (403, f"{method} {path} is refused: the server listens on {self.policy.host} without "
                             "auth; enable MONAI_LABEL_AUTH_ENABLE or serve on 127.0.0.1")
@@ -50,7 +53,7 @@ class ServerGuard:
                 refusal = await asyncio.to_thread(_checked, method, template, path, _query(scope))
         if refusal is not None:
             status, message = refusal
-            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": "5"}}.get(status)
             return await JSONResponse({"detail": message}, status_code=status, headers=headers)(scope, receive, send)
 
         if (method, match_route(method, path)) in FORM_ROUTES:  # only these read a form; others never wait
@@ -58,23 +61,26 @@ class ServerGuard:
         holder = uploads._RequestTemp(uploads.UPLOAD_ROOT) if uploads.UPLOAD_ROOT is not None else None
         token = uploads._request_temp.set(holder)
         try:
-            await self.app(scope, receive, _redacting(send, holder))
+            await self.app(http_limits.served_scope(scope), receive, _redacting(send, holder))
         finally:
             uploads._request_temp.reset(token)
             if holder is not None:  # after the answer and MONAI Label's background tasks
                 holder.remove()
 
-    def _authorize(self, scope, method: str, path: str, role: str) -> tuple[int, str] | None:
+    async def _authorize(self, scope, method: str, path: str, role: str) -> tuple[int, str] | None:
         if not self.policy.auth or role == PUBLIC:
+            if self.policy.auth and _bearer(scope):  # /auth/token/valid checks it in the loop: key cached first
+                with contextlib.suppress(RealmUnavailable, jwt.InvalidTokenError):
+                    await verify_token_async(_bearer(scope))
             return None
         token = _bearer(scope)
         if token is None:
             return 401, "a bearer token is required (Authorization: Bearer <access token>)"
         try:
-            claims = verify_token(token)
+            claims = await verify_token_async(token)
         except RealmUnavailable as e:
-            logger.error(str(e))
-            return 503, "the identity provider cannot be reached; try again later"
+            logger.warning(str(e))
+            return 503, "the identity provider cannot be reached or serves an unreadable key; try again later"
         except jwt.InvalidTokenError as e:
             return 401, f"invalid token: {e}"
         held = role_level(token_roles(claims))
