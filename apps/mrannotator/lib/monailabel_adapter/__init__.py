@@ -17,7 +17,7 @@ the app (before uvicorn binds its socket). Each fix has a test in ``tests/test_s
    than extra route dependencies: it sees every request, including routes outside the OpenAPI schema
    (``/reload``, ``/ohif``, ``/proxy``, ``/static``, ``/docs``), refuses before a handler or an upload
    body is touched, and does not depend on how FastAPI stores routes (0.165 wraps included routers).
-   It sits inside MONAI Label's CORS middleware so that browsers also see 401/403 answers.
+   It sits inside the CORS middleware (allow-listed sites only) so that they also see 401/403 answers.
 3. **Bind policy**: MONAI Label binds 0.0.0.0 by default. Without auth, a server started without an
    explicit ``--host`` binds 127.0.0.1 instead (uvicorn binds after the lifespan start-up, so its
    ``Config.host`` can still be changed here); on a non-loopback bind without auth, destructive routes
@@ -37,6 +37,10 @@ the app (before uvicorn binds its socket). Each fix has a test in ``tests/test_s
 7. **HTTP limits** (uvicorn's h11 protocol never closes a silent or slow socket and resets oversized
    requests): idle, header and body timeouts, a connection cap, 414/431 answers, HEAD and OPTIONS
    (``http_limits.py``).
+8. **Cross-site requests** (:mod:`.origin`): CORS only for ``MRANNOTATOR_CORS_ORIGINS`` (MONAI Label
+   allows any origin with credentials); cross-site state changes 403 with or without auth.
+9. **DICOMweb proxy** (:mod:`.dicomweb_proxy`, applied with the OHIF fixes): only OHIF's DICOMweb
+   resources, normalised; STOW for annotators; the PACS's challenge never forwarded; PACS down -> 503.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ import requests
 from fastapi import FastAPI
 from monailabel.config import settings
 
-from . import http_limits, uploads
+from . import http_limits, origin, uploads
 from .auth import _identity_provider_refused, _rbac_checked_by_middleware, from_token, verify_token  # noqa: F401
 from .bind import BindPolicy, _uvicorn_configs, apply_bind_policy, start_server_host  # noqa: F401
 from .checks import _invalid_json, precheck  # noqa: F401
@@ -94,7 +98,9 @@ def install(upload_root: Path) -> BindPolicy | None:
     _declare_roles_in_openapi(fastapi_app)
     fastapi_app.add_exception_handler(json.JSONDecodeError, _invalid_json)
     fastapi_app.add_exception_handler(requests.HTTPError, _identity_provider_refused)
-    # The stack was built for the lifespan call already; insert ours inside CORS and rebuild it.
+    # The stack was built for the lifespan call already; add ours (OriginGuard outermost, CORS only for
+    # MRANNOTATOR_CORS_ORIGINS, then ServerGuard) and rebuild it.
+    origin.install(fastapi_app, check_host=not policy.remote and not auth)
     fastapi_app.user_middleware.append(_middleware(ServerGuard, policy=policy))
     fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
     _installed = policy
