@@ -121,8 +121,11 @@ def _up(server: OrthancServer) -> bool:
 
 
 def start(workdir: str | Path, http_port: int | None = None, dicom_port: int | None = None, dicom: bool = True,
-          username: str = "mrannotator", timeout: float = 60) -> OrthancServer:
-    """Start Orthanc with a config written into ``workdir``; returns when its REST API answers."""
+          username: str = "mrannotator", timeout: float = 60, password: str | None = None,
+          verbose: bool = False) -> OrthancServer:
+    """Start Orthanc with a config written into ``workdir``; returns when its REST API answers.
+    ``password``: keep a known one (a restart on the same storage); default: a new random one.
+    ``verbose``: Orthanc logs every HTTP request (what reached the PACS, for tests)."""
     why = missing()
     if why:
         raise RuntimeError(why)
@@ -130,10 +133,11 @@ def start(workdir: str | Path, http_port: int | None = None, dicom_port: int | N
     workdir.mkdir(parents=True, exist_ok=True)
     http_port = http_port or free_port()
     dicom_port = (dicom_port or free_port()) if dicom else None
-    password = secrets.token_urlsafe(18)
+    password = password or secrets.token_urlsafe(18)
     config = write_config(workdir, http_port, dicom_port, username, password)
     log = open(workdir / "orthanc.log", "ab")
-    proc = subprocess.Popen([ORTHANC, str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+    command = [ORTHANC, *(["--verbose"] if verbose else []), str(config)]
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
                             start_new_session=True)
     log.close()
     server = OrthancServer(proc.pid, http_port, dicom_port, username, password, str(workdir))

@@ -87,3 +87,52 @@ def running_monailabel(studies: str, root: Path, weights: Path, env: dict | None
                "log": server.log_path, "cache": root / "cache"}
     finally:
         stop_server(server)
+
+
+class RestartableOrthanc:
+    """An Orthanc that a test stops and starts again on the same port and storage (a PACS outage), with
+    ``--verbose`` so that every HTTP request it received is in its log (:meth:`requests_since`)."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+        self.server = orthanc.start(self.workdir, dicom=False, verbose=True)
+
+    def __getattr__(self, name):  # url, dicomweb_url, username, password, env(), auth_header(), pid
+        return getattr(self._last, name)  # also while stopped: where it was and will be again
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "orthanc.log"
+
+    @property
+    def running(self) -> bool:
+        return self.server is not None
+
+    def stop(self) -> None:
+        if self.server is not None:
+            orthanc.stop(self.server)
+            self.server = None
+
+    def start(self, password: str | None = None) -> None:
+        """Start again on the same port and storage; with the same password unless another is given."""
+        last = self._last
+        self.stop()
+        self.server = orthanc.start(self.workdir, http_port=last.http_port, dicom=False, verbose=True,
+                                    username=last.username, password=password or last.password)
+
+    def __setattr__(self, name, value):
+        if name == "server" and value is not None:
+            object.__setattr__(self, "_last", value)
+        object.__setattr__(self, name, value)
+
+    def log_offset(self) -> int:
+        return self.log_path.stat().st_size
+
+    def requests_since(self, offset: int) -> list[str]:
+        """``METHOD /path`` of every HTTP request Orthanc logged after ``offset`` (bytes of its log)."""
+        import re
+
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        return re.findall(r"\(http\) ([A-Z]+ \S+)", text)

@@ -37,7 +37,7 @@ import pydicom
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.config import settings
-from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.utils.others.generic import md5_digest
@@ -45,6 +45,7 @@ from pydicom.dataset import Dataset
 
 from lib.datastore import check_name, read_volume
 from lib.errors import bad_request, not_found, unprocessable
+from lib.pacs import PacsUnavailable, guarded_client
 from mrannotator.catalogue import load_catalogue
 from mrannotator.dicom import find_series, load_series, make_seg
 from mrannotator.dicom.ingest import rule_failed
@@ -118,10 +119,19 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
 
     # ------------------------------------------------------------ listing
     def _series(self) -> dict[str, dict]:
-        """Listed series uid -> QIDO attributes (study uid, description), re-read after the TTL."""
+        """Listed series uid -> QIDO attributes (study uid, description), re-read after the TTL; while
+        the PACS is down, the last listing (empty before the first), retried after the TTL."""
         with self._lock:
             if self._listing and time.time() - self._listing[0] < self._listing_ttl_s:
                 return self._listing[1]
+            try:
+                return self._read_series()
+            except PacsUnavailable:
+                self._listing = (time.time(), self._listing[1] if self._listing else {})
+                return self._listing[1]
+
+    def _read_series(self) -> dict[str, dict]:
+        with self._lock:
             found = {}
             for js in self._client.search_for_series(search_filters={"Modality": MR}):
                 ds = Dataset.from_json(js)
@@ -139,6 +149,10 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
             self._listing = (time.time(), found)
             return found
 
+    def _pacs_down(self) -> str | None:
+        health = getattr(self._client, "health", None)
+        return health.down if health is not None else None
+
     def list_images(self) -> list[str]:
         return sorted(self._series())
 
@@ -146,6 +160,8 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
         """The series' study uid; 404 for an id that is not a listed series."""
         series = self._series()
         if not isinstance(image_id, str) or image_id not in series:
+            if self._pacs_down():  # the listing is stale or empty: the PACS is to blame, not the id
+                raise PacsUnavailable(self._pacs_down())
             raise not_found(f"image {image_id!r} is not an MR series in {self.name()}")
         return series[image_id]["StudyInstanceUID"]
 
@@ -155,6 +171,16 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
             if self._seg_listing and time.time() - self._seg_listing[0] < self._listing_ttl_s:
                 return self._seg_listing[1]
             images = self._series()
+            try:
+                return self._read_segs(images)
+            except PacsUnavailable:
+                if self._seg_listing is None and images:  # labels never read: not guessed
+                    raise
+                self._seg_listing = (time.time(), self._seg_listing[1] if self._seg_listing else {})
+                return self._seg_listing[1]
+
+    def _read_segs(self, images: dict[str, dict]) -> dict[str, list[dict]]:
+        with self._lock:
             by_image: dict[str, list[dict]] = {}
             for js in self._client.search_for_series(search_filters={"Modality": SEG}):
                 ds = Dataset.from_json(js)
@@ -205,6 +231,7 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
         folder = self._series_dir(image_id)
         with self._lock:
             if not folder.is_dir():
+                self._client.search_for_instances(study, image_id, limit=1)  # PACS down: 503 at once
                 tmp = Path(tempfile.mkdtemp(dir=self._root / "series", prefix=".fetch-"))
                 try:
                     for n, ds in enumerate(self._client.retrieve_series(study, image_id)):
@@ -252,6 +279,7 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
     def _seg_dataset(self, study: str, seg_series: str) -> Dataset:
         path = self._root / "segs" / f"{seg_series}.dcm"
         if not path.is_file():
+            self._client.search_for_instances(study, seg_series, limit=1)  # PACS down: 503 at once
             instances = self._client.retrieve_series(study, seg_series)
             if len(instances) != 1:
                 raise unprocessable(f"SEG series {seg_series} holds {len(instances)} instances; expected one")
@@ -343,6 +371,7 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
                    label_id: str = "") -> str:
         check_name(label_tag, "label tag")
         self.require_image(image_id)
+        self._client.search_for_studies(limit=1, fields=["0020000D"])  # PACS down: 503 before the SEG's work
         label = self.checked_label(image_id, label_filename)
         final = label_tag == DefaultLabelTag.FINAL
         if not final:  # an infer result (or a draft): kept in the cache for this tag
@@ -383,6 +412,8 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
                 seg.ContentCreatorName = str(info.get("client_id") or info.get("user"))[:64]
         try:
             self._client.store_instances([seg])
+        except PacsUnavailable:
+            raise
         except Exception as e:
             raise unprocessable(f"the PACS refused the SEG for {image_id!r}: {type(e).__name__}: {e}") from e
         with self._lock:
@@ -433,7 +464,11 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
         return out
 
     def status(self) -> dict[str, Any]:
-        return {"total": len(self.list_images()), "completed": len(self.get_labeled_images()),
+        total = len(self.list_images())
+        if self._pacs_down():  # /info/ still answers: the last listing and why the PACS is not used
+            return {"total": total, "completed": len(self._seg_listing[1] if self._seg_listing else {}),
+                    "pacs": self._pacs_down()}
+        return {"total": total, "completed": len(self.get_labeled_images()),
                 "label_tags": {DefaultLabelTag.FINAL: len(self.get_labeled_images())}}
 
     def json(self):
@@ -448,15 +483,10 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
 
 def dicomweb_datastore(url: str, allowed_label_ids: Callable[[], Iterable[int]]) -> MRAnnotatorDICOMwebDatastore:
     """The datastore for ``--studies URL``, with MONAI Label's DICOMweb settings (credentials, prefixes, cache)."""
-    from dicomweb_client.session_utils import create_session_from_user_pass
-
-    session = None
-    if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
-        session = create_session_from_user_pass(settings.MONAI_LABEL_DICOMWEB_USERNAME,
-                                                settings.MONAI_LABEL_DICOMWEB_PASSWORD)
-    client = DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
-                             wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
-                             stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+    client = guarded_client(url, settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD,
+                            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                            wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
     cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or \
         str(Path.home() / ".cache" / "monailabel" / "mrannotator-dicomweb")
     return MRAnnotatorDICOMwebDatastore(client, cache, allowed_label_ids)

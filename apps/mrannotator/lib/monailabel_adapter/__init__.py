@@ -17,7 +17,7 @@ the app (before uvicorn binds its socket). Each fix has a test in ``tests/test_s
    than extra route dependencies: it sees every request, including routes outside the OpenAPI schema
    (``/reload``, ``/ohif``, ``/proxy``, ``/static``, ``/docs``), refuses before a handler or an upload
    body is touched, and does not depend on how FastAPI stores routes (0.165 wraps included routers).
-   It sits inside MONAI Label's CORS middleware so that browsers also see 401/403 answers.
+   It sits inside the CORS middleware (allow-listed sites only) so that they also see 401/403 answers.
 3. **Bind policy**: MONAI Label binds 0.0.0.0 by default. Without auth, a server started without an
    explicit ``--host`` binds 127.0.0.1 instead (uvicorn binds after the lifespan start-up, so its
    ``Config.host`` can still be changed here); on a non-loopback bind without auth, destructive routes
@@ -34,21 +34,25 @@ the app (before uvicorn binds its socket). Each fix has a test in ``tests/test_s
    without an image -> 400; invalid JSON in a form field ->
    400; a login the identity provider refuses -> 401 (MONAI Label answers 200 then ERROR, 200 ``{}``
    or 500). Also (``checks.py``): NUL or over-long names, unknown batch-infer model, ``output=dicom_seg``
-   on a local datastore, ``/proxy/dicom`` without a PACS, unknown or foreign ``session_id``, a model upload
+   on a local datastore, unknown or foreign ``session_id``, a model upload
    for a model with no model file: 4xx.
 7. **HTTP limits** (uvicorn's h11 protocol never closes a silent or slow socket and resets oversized
    requests): idle, header and body timeouts, a connection cap, 414/431 answers, HEAD and OPTIONS
    (``http_limits.py``).
-8. **Archives** (``archives.py``): ``PUT /session/?uncompress=true`` used ``shutil.unpack_archive`` (no member
+8. **Cross-site requests** (:mod:`.origin`): CORS only for ``MRANNOTATOR_CORS_ORIGINS`` (MONAI Label
+   allows any origin with credentials); cross-site state changes 403 with or without auth.
+9. **DICOMweb proxy** (:mod:`.dicomweb_proxy`, applied with the OHIF fixes): only OHIF's DICOMweb
+   resources, normalised; STOW for annotators; the PACS's challenge never forwarded; PACS down -> 503.
+10. **Archives** (``archives.py``): ``PUT /session/?uncompress=true`` used ``shutil.unpack_archive`` (no member
    filter: ``../`` and absolute members written anywhere, no size cap); now only regular files and folders
    inside the target, caps on members, bytes and ratio checked while unpacking, nothing left on refusal.
-9. **Upload size** (``upload_limits.py``): every form route's body is capped (413).
-10. **Sessions** (``sessions.py``): an owner (the token's subject), expiry enforced on lookup, no server
+11. **Upload size** (``upload_limits.py``): every form route's body is capped (413).
+12. **Sessions** (``sessions.py``): an owner (the token's subject), expiry enforced on lookup, no server
    paths in answers, safe upload names, built in a staging folder and renamed into place.
-11. **Parameters** (``params.py``): ``params`` / ``info`` form fields must be JSON objects of bounded depth
+13. **Parameters** (``params.py``): ``params`` / ``info`` form fields must be JSON objects of bounded depth
    with typed keys; training numbers must be positive before anything is queued.
-12. **No server paths** (``answers.py``): the next sample's ``path`` is its download route.
-Tests: ``tests/test_hostile_input.py`` (8-12 and the checks of 6 added with them).
+14. **No server paths** (``answers.py``): the next sample's ``path`` is its download route.
+Tests: ``tests/test_hostile_input.py`` (10-14 and the checks of 6 added with them).
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ import requests
 from fastapi import FastAPI
 from monailabel.config import settings
 
-from . import answers, http_limits, params, sessions, uploads
+from . import answers, http_limits, origin, params, sessions, uploads
 from .auth import _identity_provider_refused, _rbac_checked_by_middleware, from_token, verify_token  # noqa: F401
 from .bind import BindPolicy, _uvicorn_configs, apply_bind_policy, start_server_host  # noqa: F401
 from .checks import _invalid_json, precheck  # noqa: F401
@@ -109,7 +113,9 @@ def install(upload_root: Path) -> BindPolicy | None:
     _declare_roles_in_openapi(fastapi_app)
     fastapi_app.add_exception_handler(json.JSONDecodeError, _invalid_json)
     fastapi_app.add_exception_handler(requests.HTTPError, _identity_provider_refused)
-    # The stack was built for the lifespan call already; insert ours inside CORS and rebuild it.
+    # The stack was built for the lifespan call already; add ours (OriginGuard outermost, CORS only for
+    # MRANNOTATOR_CORS_ORIGINS, then ServerGuard) and rebuild it.
+    origin.install(fastapi_app, check_host=not policy.remote and not auth)
     fastapi_app.user_middleware.append(_middleware(ServerGuard, policy=policy))
     fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
     _installed = policy

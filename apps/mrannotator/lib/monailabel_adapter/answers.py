@@ -1,4 +1,4 @@
-"""No server paths in answers: the next sample names its download route (fix 12 of the package docstring).
+"""No server paths in answers: the next sample names its download route (fix 14 of the package docstring).
 
 Upstream: ``POST /activelearning/{strategy}`` (``monailabel/endpoints/activelearning.py``, 0.8.5) answers the
 image's absolute path on the server twice over: ``MONAILabelApp.next_sample`` sets ``path`` and the endpoint

@@ -1,4 +1,4 @@
-"""Archives unpacked safely: the one unpacker every upload route uses (fix 8 of the package docstring).
+"""Archives unpacked safely: the one unpacker every upload route uses (fix 10 of the package docstring).
 
 Upstream: ``monailabel.utils.sessions.Sessions.add_session`` (``PUT /session/?uncompress=true``) calls
 ``shutil.unpack_archive`` on the upload. On Python 3.11 that applies no member filter: a tar member named

@@ -4,8 +4,7 @@ Also refused here, each with a 4xx and a message (MONAI Label 0.8.5 answers thes
 a NUL character or a path part over 255 bytes in the path or the query (``?image=a%00b``: ValueError, 500;
 ``/ohif/<10,000 characters>``: OSError, 500); ``POST /batch/infer/<unknown model>`` (200 SUBMITTED, then
 ERROR): 404; ``output=dicom_seg`` on a local datastore (500 after the whole inference): 400 before it;
-``/proxy/dicom/...`` when the studies are a local folder (a request to a URL made of the folder's path):
-404 "no PACS configured"; ``PUT /model/<model>`` for a model with no model file (500 "Model File Name NOT
+``PUT /model/<model>`` for a model with no model file (500 "Model File Name NOT
 configured" after the upload): 404 before it; ``session_id`` of a session that does not exist, expired or
 belongs to another user: 404 (MONAI Label runs on an empty image name).
 """
@@ -38,9 +37,6 @@ def malformed(path: str, query: dict[str, str]) -> tuple[int, str] | None:
 def _more_checks(app, method: str, template: str, last: str, query: dict[str, str]) -> tuple[int, str] | None:
     if (method, template) == ("POST", "/batch/infer/{model}") and last not in tasks(app, "infers"):
         return 404, f"model {last!r} is not served here; served models: {', '.join(tasks(app, 'infers'))}"
-    if template.startswith("/proxy/dicom/") and not str(app.studies).startswith(("http://", "https://")):
-        return 404, "no PACS is configured: this server's studies are a local folder, so /proxy/dicom has " \
-                    "nothing to forward to"
     if (method, template) == ("POST", "/infer/{model}") and query.get("output") == "dicom_seg" \
             and not str(app.studies).startswith(("http://", "https://")):
         return 400, "output=dicom_seg needs a DICOMweb (PACS) datastore; this server stores files: " \

@@ -7,7 +7,8 @@ tests/test_pacs.py that fails when upstream behaves differently, so the fix can 
    Linux), so ``/ohif/assets/x.png`` is answered with index.html. Here the path is joined as a path,
    kept inside the OHIF folder, and a path that is no file (an OHIF route) still gets index.html.
 2. ``monailabel.endpoints.proxy.proxy_dicom`` forwards the path without the query string, so QIDO
-   searches from OHIF (``?PatientName=...&limit=...``, ``includefield``) reach the PACS unfiltered.
+   searches from OHIF (``?PatientName=...&limit=...``, ``includefield``) reach the PACS unfiltered;
+   it also forwards any path and method: replaced by :mod:`.dicomweb_proxy`.
 3. The bundled OHIF panel takes the server URL from the ``MONAILABEL_SERVER_URL`` cookie, falling
    back to port 8000: a server on any other port is never reached. The viewer pages are served
    with that cookie set to the server they came from.
@@ -50,16 +51,6 @@ def fixed_get_ohif(path: str):
     return FileResponse(str(file), media_type=get_mime_type(str(file)))
 
 
-def _proxy_with_query(upstream):
-    async def proxy_dicom(request, op: str, path: str):
-        query = request.url.query
-        # upstream appends ``path`` to the PACS URL as it is: carry the query along in it
-        return await upstream(request, op, f"{path}?{query}" if query else path)
-
-    proxy_dicom.upstream = upstream
-    return proxy_dicom
-
-
 def server_url(request) -> str:
     """The URL this request reached the server at (what the viewer must talk back to)."""
     return str(request.base_url)
@@ -90,11 +81,12 @@ def apply() -> None:
     global _applied
     if _applied:
         return
-    from monailabel.endpoints import ohif, proxy
+    from monailabel.endpoints import ohif
+
+    from . import dicomweb_proxy
 
     ohif.get_ohif = fixed_get_ohif
-    if not hasattr(proxy.proxy_dicom, "upstream"):
-        proxy.proxy_dicom = _proxy_with_query(proxy.proxy_dicom)
+    dicomweb_proxy.install()
     server = sys.modules.get("monailabel.app")
     if server is not None:  # the FastAPI app: serve /ohif/ pages with the cookie, ahead of the stock route
         from fastapi.routing import APIRoute
@@ -104,4 +96,4 @@ def apply() -> None:
                          methods=["GET"], include_in_schema=False)
         server.app.router.routes.insert(0, route)
     _applied = True
-    logger.info("applied OHIF fixes: nested asset paths, proxy query strings, server URL cookie")
+    logger.info("applied OHIF fixes: nested asset paths, DICOMweb proxy, server URL cookie")

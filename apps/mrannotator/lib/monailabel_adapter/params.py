@@ -1,4 +1,4 @@
-"""Request parameters checked before MONAI Label acts on them (fix 11 of the package docstring).
+"""Request parameters checked before MONAI Label acts on them (fix 13 of the package docstring).
 
 Upstream (0.8.5):
 

@@ -46,11 +46,8 @@ ROUTE_ROLES: dict[tuple[str, str], str] = {
     ("GET", "/static/{path:path}"): "user",
     ("GET", "/ohif/{path:path}"): "user",
     ("GET", "/proxy/dicom/wado/{path:path}"): "user",
-    ("POST", "/proxy/dicom/wado/{path:path}"): "user",
     ("GET", "/proxy/dicom/qido/{path:path}"): "user",
-    ("POST", "/proxy/dicom/qido/{path:path}"): "user",
     ("GET", "/proxy/dicom/{path:path}"): "user",
-    ("POST", "/proxy/dicom/{path:path}"): "user",
     # annotating: infer, fetch samples, save labels, upload studies, sessions (3D Slicer's local volumes)
     ("POST", "/infer/{model}"): "annotator",
     ("POST", "/infer/wsi_v2/{model}"): "annotator",
@@ -63,8 +60,12 @@ ROUTE_ROLES: dict[tuple[str, str], str] = {
     ("PUT", "/datastore/updatelabelinfo"): "annotator",
     ("PUT", "/session/"): "annotator",
     ("DELETE", "/session/{session_id}"): "annotator",
+    # POST to the proxy is a STOW-RS (OHIF sends it to its WADO root); nothing else is forwarded on POST
     ("GET", "/proxy/dicom/stow/{path:path}"): "annotator",
     ("POST", "/proxy/dicom/stow/{path:path}"): "annotator",
+    ("POST", "/proxy/dicom/wado/{path:path}"): "annotator",
+    ("POST", "/proxy/dicom/qido/{path:path}"): "annotator",
+    ("POST", "/proxy/dicom/{path:path}"): "annotator",
     # reviewing: training, scoring, batch inference
     ("POST", "/train/"): "reviewer",
     ("POST", "/train/{model}"): "reviewer",

@@ -1,5 +1,5 @@
 """Sessions (3D Slicer's local volumes, ``PUT /session/``) with safe unpacking, an owner and an expiry
-(fix 10 of the package docstring).
+(fix 12 of the package docstring).
 
 Upstream (``monailabel/endpoints/session.py``, ``monailabel/utils/sessions.py``, 0.8.5):
 

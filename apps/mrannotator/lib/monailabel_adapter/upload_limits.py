@@ -1,4 +1,4 @@
-"""A cap on the bytes of an upload body (fix 9 of the package docstring).
+"""A cap on the bytes of an upload body (fix 11 of the package docstring).
 
 Upstream: MONAI Label 0.8.5 copies every multipart upload (sessions, images, labels, infer files, model files)
 to disk whatever its size; a session upload is never checked at all (images and labels are checked from their
