@@ -407,7 +407,7 @@ def test_a_body_growing_past_the_cap_is_refused(monkeypatch):
 # ------------------------------------------------------------------------------------- session owners
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory, demo_weights):
-    from test_server_auth import CLIENT_ID, Realm
+    from realm_support import CLIENT_ID, Realm
 
     realm = Realm()
     root = tmp_path_factory.mktemp("hostile_auth")
