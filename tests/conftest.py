@@ -62,3 +62,30 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped in CI (CI is set, so a skip is an install bug): {reason}"
+
+
+# Lanes of the modules that do not name their own (``pytestmark``): ``pytest -m server`` runs one lane; the
+# README's test command runs all of them. A module in no lane fails collection, so a new one gets a lane.
+LANES = {
+    "test_annotation_loop": "study", "test_bad_input": "server", "test_batch": "cluster", "test_catalogue": "unit",
+    "test_cli": "unit", "test_dicom_ingest": "unit", "test_engine": "unit", "test_evaluation": "unit",
+    "test_install": "unit", "test_map": "unit", "test_monailabel_app": "server", "test_nnunet_adapter": "unit",
+    "test_ohif_browser": "browser", "test_pacs": "pacs", "test_performance": "unit", "test_phantoms": "unit",
+    "test_server_auth": "server", "test_server_load": "server", "test_training_publish": "server",
+    "test_weights": "unit",
+}
+LANE_NAMES = ("unit", "server", "pacs", "browser", "cluster", "study")
+
+
+def pytest_collection_modifyitems(config, items):
+    unlaned = set()
+    for item in items:
+        if any(item.get_closest_marker(lane) for lane in LANE_NAMES):
+            continue
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in LANES:
+            item.add_marker(getattr(pytest.mark, LANES[module]))
+        else:
+            unlaned.add(module)
+    if unlaned:
+        raise pytest.UsageError(f"test modules in no lane (add pytestmark or a LANES entry): {sorted(unlaned)}")
