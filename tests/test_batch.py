@@ -34,6 +34,8 @@ from mrannotator.cli import main  # noqa: E402
 from mrannotator.dicom import find_series, load_series  # noqa: E402
 from mrannotator.phantoms import make_phantom  # noqa: E402
 
+pytestmark = pytest.mark.cluster
+
 ORIENTATIONS = ("axial", "sagittal", "coronal", "oblique", "axial_reversed", "LPS")
 GENERATORS = ("prostate", "knee", "abdomen", "pelvis", "shoulder", "spine")
 NIFTI_REGIONS = ("prostate", "knee", "prostate", "knee", "prostate", "knee")  # small ones: all 4 models run
@@ -103,7 +105,7 @@ def main_run(cohort, tmp_path_factory, demo_weights) -> dict:
             seen["killed"] = record["pid"]
 
     summary = run_batch(cohort["root"], out, workers=2, preview=True, weights=demo_weights, quiet=True,
-                        on_record=on_record)
+                        on_record=on_record, private=False)
     return {"out": out, "summary": summary, **seen}
 
 
@@ -136,14 +138,19 @@ def test_ct_series_and_corrupt_file_are_failures_and_nothing_else(main_run):
     import pandas as pd
 
     failures = pd.read_csv(main_run["out"] / "failures.csv").fillna("")
-    assert list(failures.columns) == ["case", "path", "error"]
+    assert list(failures.columns) == ["case", "path", "status", "series_number", "description", "error"]
     by_error = " | ".join(failures["error"])
     assert len(failures) == 2, by_error
     corrupt = failures[failures["case"] == "nifti_corrupt"]
     assert len(corrupt) == 1 and "corrupt or truncated" in corrupt["error"].iloc[0]
     ct = failures[failures["error"].str.contains("modality CT")]
     assert len(ct) == 1 and "MR only" in ct["error"].iloc[0]
+    assert ct["path"].iloc[0].endswith("ct_study/ct") and ct["series_number"].iloc[0] == 1
+    assert set(failures["status"]) == {"refused"}
     assert main_run["summary"].failed == 2
+    cases = pd.read_csv(main_run["out"] / "cases.csv").fillna("")  # every input once: 30 MR, corrupt, CT
+    assert sorted(cases["case"]) == sorted([*cohort["expect"], "nifti_corrupt", ct["case"].iloc[0]])
+    assert (cases.set_index("case").loc[list(cohort["expect"]), "status"] == "done").all()
 
 
 def test_cohort_table_rows_match_the_case_reports(cohort, main_run, ledger_records):
@@ -258,6 +265,7 @@ def test_two_node_cluster_spreads_cases_with_identical_results(two_node_run, mai
     assert set(table["case"]) == {f"m{i:02d}" for i in range(10)}
     failures = pd.read_csv(out / "failures.csv")
     assert list(failures["case"]) == ["gone"] and "not found" in failures["error"].iloc[0]
+    assert table["path"].isna().all()  # private by default: DICOM cases' folders are not in the public tables
     whole = pd.read_parquet(main_run["out"] / "cohort.parquet")
     for i in range(10):
         a = _labels(out / f"m{i:02d}_seg.nii.gz")
@@ -444,15 +452,16 @@ def test_plan_names_cases_like_segment_and_routes_explicit_regions(cohort):
     assert {c.route.regions for c in plan.cases} == {("knee",)}
 
 
-def test_planning_by_ray_tasks_equals_serial_planning(cohort):
-    """A folder of many DICOM studies is scanned by Ray tasks (a few study folders each); the plan is the serial
+def test_planning_by_ray_tasks_equals_serial_planning(cohort, monkeypatch):
+    """The DICOM folders of a tree are read by Ray tasks (about FILES_PER_TASK files each); the plan is the serial
     one, in the same order."""
     from mrannotator.batch.cluster import connect, ray_map
 
     serial = plan_inputs(cohort["root"] / "dicom")
     session = connect(None)
+    monkeypatch.setattr("mrannotator.batch.scan.FILES_PER_TASK", 100)  # 25 series of 48 files: 13 tasks
     try:
-        by_tasks = plan_inputs(cohort["root"] / "dicom", map_fn=lambda f, items: ray_map(f, items, per_task=4))
+        by_tasks = plan_inputs(cohort["root"] / "dicom", map_fn=lambda f, items: ray_map(f, items, per_task=1))
         squares = ray_map(operator.mul, [(i, i) for i in range(10)], per_task=4)
         pids = ray_map(os.getpid, [()] * 10, per_task=4)
     finally:
@@ -490,3 +499,91 @@ def test_embedded_ray_never_joins_a_cluster_already_running_here(tmp_path, demo_
         cluster.shutdown()
     record = json.loads((tmp_path / "out" / "ledger" / "knee.json").read_text())
     assert record["status"] == "done" and record["node"] not in theirs
+
+
+# ------------------------------------------------------------------ every input accounted for, resume checks outputs
+def _all_files(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+def test_cohort_accounts_for_every_input_once(tmp_path, demo_weights):
+    """Empty-result cases, sidecars, a refused series, OUT inside INPUT, a deleted output; private names."""
+    import pandas as pd
+
+    src = tmp_path / "in"
+    knee = make_phantom("knee", seed=5)
+    (src / "nifti").mkdir(parents=True)
+    nib.save(knee.image, src / "nifti" / "knee.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(knee.image.shape, np.float32), knee.image.affine), src / "nifti" / "blank.nii.gz")
+    for sidecar in ("knee.json", "dwi.bval", "dwi.bvec"):
+        (src / "nifti" / sidecar).write_text("{}\n")
+    study = src / "SITE" / "PAT000" / "STUDY1"
+    write_series(knee.image, study / "SER1", body_part="KNEE")
+    (study / "SER1" / "export.txt").write_text("exported\n")
+    write_series(make_phantom("abdomen", seed=6).image, study / "SER2", modality="CT", series_number=7,
+                 series_description="CT abdomen")
+    out = src / "out"  # OUT inside INPUT: left out of the scan, never segmented
+    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
+    try:
+        first = run_batch(src, out, regions=["knee"], weights=demo_weights, quiet=True, workers=1)
+        cases = pd.read_csv(out / "cases.csv").fillna("")
+        (out / "nifti_knee_seg.nii.gz").unlink()  # a deleted output: the ledger alone must not count
+        second = run_batch(src, out, regions=["knee"], weights=demo_weights, quiet=True, workers=1)
+    finally:
+        ray.shutdown()
+    assert any("inside INPUT" in n for n in first.notes)
+    assert len(cases) == 4 and cases["case"].is_unique  # knee, blank, the MR series, the CT series
+    by_status = cases.groupby("status")["case"].apply(sorted).to_dict()
+    assert by_status["empty"] == ["nifti_blank"] and cases.set_index("case").loc["nifti_blank", "structures"] == 0
+    assert len(by_status["done"]) == 2 and len(by_status["refused"]) == 1
+    refused = cases[cases["status"] == "refused"].iloc[0]
+    assert refused["series_number"] == 7 and refused["description"] == "CT abdomen" and "MR only" in refused["error"]
+    assert (first.total, first.empty, first.failed, first.sidecars) == (3, 1, 1, 4)
+    failures = pd.read_csv(out / "failures.csv")
+    assert list(failures["case"]) == [refused["case"]]
+    # private names: no folder name in the public tables; the key maps back
+    for table in ("cases.csv", "cohort.csv", "failures.csv"):
+        text = (out / table).read_text()
+        assert "PAT000" not in text and "SITE" not in text, table
+    key = pd.read_csv(out / "private" / "names.csv")
+    assert set(key["case"]) == {c for c in cases["case"] if c.startswith("c")}
+    assert key["path"].str.contains("PAT000").all()
+    # second run: only the case whose output was deleted is done again, and it is back
+    assert (second.processed, second.already_done, second.total) == (1, 2, 3)
+    assert (out / "nifti_knee_seg.nii.gz").is_file()
+    assert pd.read_csv(out / "cases.csv").fillna("").drop(columns=["seconds", "node"]).equals(
+        cases.drop(columns=["seconds", "node"]))
+    assert not [p for p in _all_files(out) if p.name.startswith(".")]
+
+
+HOSTILE_IDS = ["..", "../../escape", ".hidden", "a/b", "A/B", "ok"]
+
+
+def test_hostile_manifest_ids_are_renamed_and_nothing_escapes(tmp_path, demo_weights, capsys):
+    import pandas as pd
+
+    data = tmp_path / "data"
+    data.mkdir()
+    nib.save(make_phantom("knee", seed=8).image, data / "k.nii.gz")
+    rows = ["case_id,path", *(f"{i},data/k.nii.gz" for i in HOSTILE_IDS), "missing,data/none.nii.gz"]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "deep" / "out"
+    before = _all_files(tmp_path)
+    cmd = ["batch", "-i", str(tmp_path / "m.csv"), "-o", str(out), "--weights", str(demo_weights), "--regions",
+           "knee", "--workers", "1"]
+    assert main([*cmd, "--dry-run"]) == 0
+    assert _all_files(out) == {out / "plan.csv"}  # a dry run writes the plan only
+    plan = pd.read_csv(out / "plan.csv")
+    assert sorted(plan["status"]) == ["planned"] * 6 + ["refused"]
+    assert main([*cmd, "--quiet"]) == 2  # the missing row is refused
+    err = capsys.readouterr().err
+    for i in ("'..'", "'../../escape'", "'.hidden'", "'a/b'"):
+        assert i in err, err  # each renamed row is named
+    new = _all_files(tmp_path) - before
+    assert all(p.resolve().is_relative_to(out.resolve()) for p in new), new
+    assert not [p for p in new if any(part.startswith(".") for part in p.relative_to(out).parts)]
+    cases = pd.read_csv(out / "cases.csv")
+    assert len(cases) == 7 and cases["case"].is_unique
+    assert (cases["status"] == "done").sum() == 6
+    assert {f"{c}.json" for c in cases["case"][cases["status"] == "done"]} == {
+        p.name for p in (out / "ledger").glob("*.json")}

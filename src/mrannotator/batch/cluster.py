@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,8 +90,9 @@ def connect(address: str | None = None, log_dir: Path | None = None) -> RaySessi
         _check_reachable(address)
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     log = _ray_log(log_dir)
+    env_set: list[str] = []
     try:
-        with contextlib.redirect_stderr(log):  # Ray's log handler keeps the stream it is created with
+        with _stderr_to(log):
             if address:
                 ray.init(address=address, **quiet)
                 return RaySession(started_here=False, connected_here=True)
@@ -100,10 +102,27 @@ def connect(address: str | None = None, log_dir: Path | None = None) -> RaySessi
             ray.init(address="local", include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                      num_cpus=os.cpu_count(), **quiet)
     except Exception as e:
-        raise _why(address, e) from e
+        raise _why(address, e, log) from e
+    return RaySession(started_here=True, connected_here=False, env_set=env_set)
+
+
+@contextlib.contextmanager
+def _stderr_to(log):
+    """Python's and Ray's C++ lines written to stderr while Ray starts go to ``log`` (Ray's Python log handler keeps
+    the stream it was created with; the C++ core writes to file descriptor 2 directly)."""
+    fd = log.fileno() if hasattr(log, "fileno") and not isinstance(log, io.StringIO) else None
+    saved = os.dup(2) if fd is not None else None
+    try:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(fd, 2)
+        with contextlib.redirect_stderr(log):
+            yield
     finally:
         log.flush()
-    return RaySession(started_here=True, connected_here=False, env_set=env_set)
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _ray_log(log_dir: Path | None):
@@ -146,9 +165,16 @@ def _check_reachable(address: str) -> None:
                            "`ray start --head` running there, and is the port open?") from e
 
 
-def _why(address: str | None, error: Exception) -> ClusterError:
-    """A ClusterError naming the cause: auth token, version mismatch, unreachable, or Ray's own words."""
+def _why(address: str | None, error: Exception, log) -> ClusterError:
+    """A ClusterError naming the cause: auth token, version mismatch, unreachable, or Ray's own words (Ray's own
+    log lines of the attempt, in ``log``, tell an auth refusal from an unreachable cluster)."""
     text = str(error)
+    try:
+        logged = log.getvalue() if isinstance(log, io.StringIO) else Path(log.name).read_text(errors="replace")
+    except OSError:
+        logged = ""
+    if "InvalidAuthToken" in logged[-20000:] or "Unauthenticated" in logged[-20000:]:
+        text += " (InvalidAuthToken)"
     where = f"join the Ray cluster at {address}" if address else "start a local Ray"
     if "auth" in text.lower() or "token" in text.lower() or type(error).__name__ == "AuthenticationError":
         cause = ("authentication token: the cluster uses token auth (RAY_AUTH_MODE=token) and this process has no "

@@ -108,8 +108,10 @@ def _classify(tree: Tree, path: str, name: str, counts: dict[str, int]) -> None:
         counts[folder] = counts.get(folder, 0) + 1
 
 
-def chunks(folders: list[tuple[str, int]], per_task: int = FILES_PER_TASK) -> list[list[str]]:
-    """Folders grouped into tasks of about ``per_task`` files (a larger folder is a task of its own)."""
+def chunks(folders: list[tuple[str, int]], per_task: int | None = None) -> list[list[str]]:
+    """Folders grouped into tasks of about ``per_task`` (FILES_PER_TASK) files (a larger folder is a task of its
+    own)."""
+    per_task = per_task or FILES_PER_TASK
     out: list[list[str]] = []
     size = per_task
     for folder, n in folders:
