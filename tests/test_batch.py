@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -587,3 +588,103 @@ def test_hostile_manifest_ids_are_renamed_and_nothing_escapes(tmp_path, demo_wei
     assert (cases["status"] == "done").sum() == 6
     assert {f"{c}.json" for c in cases["case"][cases["status"] == "done"]} == {
         p.name for p in (out / "ledger").glob("*.json")}
+
+
+# ------------------------------------------------------------------ the README's cluster recipe, with `ray start`
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _ray_start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """`ray start ... --block` (the processes it starts stay its children, so the test can end them by PID)."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    proc = subprocess.Popen([ray_cli, "start", *args, "--num-cpus", "1", "--disable-usage-stats", "--block"],
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.monotonic()
+    while "block forever" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() - t0 < 180, log.read_text()[-3000:]
+        time.sleep(0.5)
+    return proc
+
+
+def _stop_ray_start(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each `ray start --block` (it ends what it started); whatever is left is killed by PID."""
+    family = []
+    for proc in procs:
+        try:
+            family += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for proc in procs:
+        proc.terminate()
+    _, alive = psutil.wait_procs(family, timeout=30)
+    _end_leftovers(alive)
+
+
+def test_readme_cluster_recipe_two_ray_start_nodes_relative_paths(cohort, main_run, tmp_path, demo_weights):
+    """Two `ray start` processes on 127.0.0.1 as the README says (token auth: RAY_AUTH_MODE=token and the same
+    RAY_AUTH_TOKEN everywhere), plus only what two nodes on one machine need (their own ports, --num-cpus 1);
+    a relative -i and a relative manifest; the results equal the embedded run's."""
+    import secrets
+    import shutil
+
+    import pandas as pd
+
+    work = tmp_path / "shared"
+    for i in range(3):
+        shutil.copytree(cohort["root"] / "dicom" / f"study{i:02d}", work / "studies" / f"study{i:02d}")
+    (work / "m.csv").write_text("case_id,path\n" + "".join(f"m{i},studies/study{i:02d}\n" for i in range(3)))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    port, *p = _free_ports(11)
+    temp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths must fit 107 characters
+    agent = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+             "--metrics-export-port"]
+    procs = []
+    try:
+        procs.append(_ray_start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                                 "--include-dashboard", "false", "--temp-dir", str(temp / "h"),
+                                 "--ray-client-server-port", str(p[0]),
+                                 *[x for a, q in zip(agent, p[1:5], strict=True) for x in (a, str(q))]],
+                                env, tmp_path / "head.log"))
+        procs.append(_ray_start(["--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
+                                 "--temp-dir", str(temp / "w"),
+                                 *[x for a, q in zip(agent, p[5:9], strict=True) for x in (a, str(q))]],
+                                env, tmp_path / "node.log"))
+
+        def batch(*args, environ=env):
+            cmd = [sys.executable, "-m", "mrannotator.cli", "batch", *args, "--address", f"127.0.0.1:{port}",
+                   "--workers", "2", "--weights", str(demo_weights), "--quiet"]
+            return subprocess.run(cmd, cwd=work, env=environ, capture_output=True, text=True, timeout=600)
+
+        folder = batch("-i", "studies", "-o", "out_folder", "--folder-names")
+        listed = batch("-i", "m.csv", "-o", "out_manifest")
+        no_token = batch("-i", "m.csv", "-o", "out_refused",
+                         environ={k: v for k, v in env.items() if not k.startswith("RAY_AUTH")})
+    finally:
+        _stop_ray_start(procs)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert folder.returncode == 0, folder.stderr[-3000:]
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    assert no_token.returncode == 4 and "authentication token" in no_token.stderr, no_token.stderr[-2000:]
+    for out, name in (("out_folder", "study{:02d}_t2"), ("out_manifest", "m{}")):
+        cases = pd.read_csv(work / out / "cases.csv")
+        assert sorted(cases["case"]) == [name.format(i) for i in range(3)] and (cases["status"] == "done").all()
+        for i in range(3):
+            a = _labels(work / out / f"{name.format(i)}_seg.nii.gz")
+            assert np.array_equal(a, _labels(main_run["out"] / f"dicom_study{i:02d}_t2_seg.nii.gz")), (out, i)
+
+
+def test_address_nobody_answers_on_is_exit_code_4_unreachable(tmp_path, capsys):
+    nib.save(make_phantom("knee", seed=2).image, tmp_path / "k.nii.gz")
+    (port,) = _free_ports(1)
+    assert main(["batch", "-i", str(tmp_path / "k.nii.gz"), "-o", str(tmp_path / "o"), "--address",
+                 f"127.0.0.1:{port}"]) == 4
+    assert "unreachable" in capsys.readouterr().err
