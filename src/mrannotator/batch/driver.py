@@ -101,15 +101,14 @@ class _LazySession:
 
 
 def _out_inside_input(source: Path, out: Path) -> list[Path]:
-    """OUT when it lies inside the INPUT folder (left out of the scan: its outputs are not inputs)."""
-    if source.is_dir() and os.path.commonpath([source, out]) == str(source) and out != source:
-        return [out]
+    """OUT, left out of every scan (an OUT inside INPUT, or inside a manifest row's folder, holds outputs, not
+    inputs); OUT equal to a folder INPUT is refused."""
     if source.is_dir() and out == source:
         raise InputError(f"the output folder is the input folder ({source}): choose another -o")
-    return []
+    return [out]
 
 
-def _plan(source: Path, out: Path, ray_session, regions, private: bool, quiet: bool) -> tuple[Plan, list[str]]:
+def _plan(source: Path, out: Path, ray_session, regions, private: bool) -> tuple[Plan, list[str]]:
     exclude = _out_inside_input(source, out)
     names = Pseudonyms(out) if private else None
     plan = plan_inputs(source, regions, map_fn=ray_session.scan_map, exclude=exclude, names=names)
@@ -119,9 +118,8 @@ def _plan(source: Path, out: Path, ray_session, regions, private: bool, quiet: b
                           "series_number": c.series_number} for c in plan.cases if c.private]
                         + [{"case": s.case, "kind": "refused", "path": s.path, "series_number": s.series_number}
                            for s in plan.skipped if s.private])
-    if not quiet:
-        for note in notes:
-            print(f"mrannotator batch: {note}", file=sys.stderr)
+    for note in notes:  # warnings, shown with --quiet too
+        print(f"mrannotator batch: {note}", file=sys.stderr)
     return plan, notes
 
 
@@ -129,7 +127,7 @@ def _run(source: Path, out: Path, ray_session: _LazySession, t0: float, *, worke
          threads_per_worker, regions, fast, retry, quiet, preview, weights, worker_resources, on_record, private,
          dry_run) -> BatchSummary:
     resolved = load_weights(weights)  # a weights problem stops here, before any worker starts
-    plan, notes = _plan(source, out, ray_session, regions, private, quiet)
+    plan, notes = _plan(source, out, ray_session, regions, private)
     if dry_run:
         tables = {"plan": write_plan(out, plan)}
         return BatchSummary(out, len(plan.cases), 0, 0, len(plan.skipped), 0, 0, time.perf_counter() - t0,

@@ -91,7 +91,7 @@ def walk(root: str, exclude: tuple[str, ...] = ()) -> Tree:
             elif is_file:
                 _classify(tree, e.path, e.name, counts)
             elif e.is_symlink():
-                tree.problems.append((e.path, f"dangling symlink (to {os.readlink(e.path)})"))
+                tree.problems.append((e.path, "dangling symlink"))
         if counts.get(folder):
             tree.folders.append((folder, counts[folder]))
         pending.extend(reversed(subfolders))  # depth first, in path order
@@ -171,7 +171,7 @@ def _scan_folder(folder: str) -> list[Found]:
         if not uid:
             found.append(Found(path, error="DICOM without a SeriesInstanceUID (e.g. a DICOMDIR)"))
         elif sop and sop in seen_sop:
-            found.append(Found(path, error=f"second copy of the instance in {seen_sop[sop]}"))
+            found.append(Found(path, error=f"second copy of the instance in {os.path.basename(seen_sop[sop])}"))
         else:
             seen_sop[sop] = path
             by_series[str(uid)].append((path, ds))
