@@ -102,8 +102,7 @@ def plan_inputs(source: str | Path, regions: Sequence[str] | str | None = None, 
             item.private = bool(item.pseudo_key) or getattr(item, "kind", "") == "dicom"
             if item.pseudo_key:
                 setattr(item, "name" if isinstance(item, Case) else "case", names.name(item.pseudo_key))
-    make_unique(plan.cases)
-    make_unique(plan.skipped, "case")
+    make_unique(plan.skipped, "case", make_unique(plan.cases))  # one row per input case: names unique over both
     if not plan.cases and not plan.skipped:
         raise InputError(f"no NIfTI file, DICOM series or manifest row found in {source}")
     return plan

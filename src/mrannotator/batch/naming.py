@@ -34,10 +34,10 @@ def safe_name(raw: str) -> str:
     return name or "case"
 
 
-def make_unique(items: list, attr: str = "name") -> None:
+def make_unique(items: list, attr: str = "name", used: set[str] | None = None) -> set[str]:
     """Two items with the same name get ``_2``, ``_3``, ... in input order (names compared case-insensitively,
-    as a macOS or Windows share would)."""
-    used: set[str] = set()
+    as a macOS or Windows share would); ``used``: names taken already. Returns the names taken."""
+    used = set() if used is None else used
     for item in items:
         base = getattr(item, attr)
         name, n = base, 1
@@ -46,6 +46,7 @@ def make_unique(items: list, attr: str = "name") -> None:
             name = f"{base}_{n}"
         setattr(item, attr, name)
         used.add(name.lower())
+    return used
 
 
 class Pseudonyms:
