@@ -688,3 +688,31 @@ def test_address_nobody_answers_on_is_exit_code_4_unreachable(tmp_path, capsys):
     assert main(["batch", "-i", str(tmp_path / "k.nii.gz"), "-o", str(tmp_path / "o"), "--address",
                  f"127.0.0.1:{port}"]) == 4
     assert "unreachable" in capsys.readouterr().err
+
+
+def test_worker_that_cannot_see_input_takes_no_case_and_the_batch_says_which_node(tmp_path, demo_weights):
+    """INPUT not mounted on a node: the worker there reports the missing path before any case; with no worker
+    left, the batch stops with exit code 4's error naming the node and the path."""
+    from mrannotator.batch.cluster import ClusterError, RaySession, start_workers
+    from mrannotator.batch.driver import _Dispatcher
+    from mrannotator.batch.ledger import Ledger
+    from mrannotator.batch.progress import Progress
+
+    nib.save(make_phantom("knee", seed=4).image, tmp_path / "k.nii.gz")
+    plan = plan_inputs(tmp_path / "k.nii.gz", regions=["knee"])
+    args = {"out_dir": str(tmp_path / "out"), "run": {"run": "t"}, "weights": str(demo_weights), "device": "cpu",
+            "threads": 1, "mode": "exact", "regions": ["knee"], "preview": False}
+    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
+    session = RaySession(started_here=False, connected_here=False)
+    try:
+        actors = start_workers(session, 1, args, 1, 0.0)
+        dispatch = _Dispatcher(actors, plan.cases, 0, Ledger(tmp_path / "out"), {"run": "t"},
+                               Progress(1, 0, 0, True), None, in_flight=1,
+                               check_paths=[str(tmp_path), "/mnt/not-mounted-here/studies"])
+        with pytest.raises(ClusterError, match="not-mounted-here") as err:
+            dispatch.run()
+    finally:
+        session.end_workers()
+        ray.shutdown()
+    assert err.value.exit_code == 4 and "on node" in str(err.value)
+    assert not (tmp_path / "out" / "ledger").exists()  # no case was taken
