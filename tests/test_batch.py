@@ -266,7 +266,7 @@ def test_two_node_cluster_spreads_cases_with_identical_results(two_node_run, mai
     assert set(table["case"]) == {f"m{i:02d}" for i in range(10)}
     failures = pd.read_csv(out / "failures.csv")
     assert list(failures["case"]) == ["gone"] and "not found" in failures["error"].iloc[0]
-    assert table["path"].isna().all()  # private by default: DICOM cases' folders are not in the public tables
+    assert (table["path"].fillna("") == "").all()  # private by default: DICOM cases' folders are not in the public tables
     whole = pd.read_parquet(main_run["out"] / "cohort.parquet")
     for i in range(10):
         a = _labels(out / f"m{i:02d}_seg.nii.gz")
