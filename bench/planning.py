@@ -5,7 +5,9 @@
 
 DICOM: one root, SITE/PATnnn/STUDY/SERnn/IMGnnnn.dcm, 50 slices of 8 x 8 pixels per series (MR, headers like a
 scanner's minus the private tags), written with pydicom from one template (fast). NIfTI: one folder of N small
-``.nii.gz`` files (copies of one 8 x 8 x 8 volume). For each count, ``mrannotator batch -i ROOT -o OUT --dry-run``
+``.nii.gz`` files (copies of one 8 x 8 x 8 volume). For each count: ``plan_inputs(ROOT)`` alone, serially in a fresh
+process without Ray (planning seconds and that process's peak RSS: the linearity figure); then
+``mrannotator batch -i ROOT -o OUT --dry-run``
 runs in a fresh process: wall time from start to exit (Ray start-up included when the tree is read by Ray tasks:
 more than FILES_PER_TASK DICOM files), the driver's own peak RSS (``ru_maxrss``, what the issue's 500 MiB target
 is about), and the peak RSS summed over the driver's process tree (Ray's services and planning tasks), sampled
@@ -120,6 +122,16 @@ def measured(cmd: list[str], env: dict, first_record: Path | None = None) -> dic
     return out
 
 
+def plan_in_process(root: Path, env: dict) -> dict:
+    """``plan_inputs(root)`` alone, serially in a fresh process (no Ray): seconds and that process's peak RSS."""
+    code = ("import json, resource, time; from mrannotator.batch import plan_inputs; t = time.perf_counter(); "
+            f"p = plan_inputs({str(root)!r}); s = time.perf_counter() - t; print(json.dumps({{'plan_s': round(s, 2), "
+            "'cases': len(p.cases), "
+            "'peak_rss_mib': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--counts", type=int, nargs="+", default=[2500, 5000, 10000, 20000])
@@ -140,6 +152,7 @@ def main() -> int:
         made = time.perf_counter() - t
         row = {"files": n, "generate_s": round(made, 1)}
         for kind in ("dicom", "nifti"):
+            row[kind + "_in_process"] = plan_in_process(args.work / kind, env)
             row[kind] = measured([*cli, "-i", str(args.work / kind), "-o", str(args.work / f"out_{kind}"),
                                   "--dry-run"], env)
             plan = (args.work / f"out_{kind}" / "plan.csv").read_text().count("\n") - 1
