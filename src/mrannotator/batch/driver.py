@@ -21,7 +21,7 @@ from pathlib import Path
 from ..errors import InputError, MRAnnotatorError
 from ..weights import load_weights
 from .cluster import LOG_DIR, ClusterError, cases_in_flight, connect, default_workers, ray_map, start_workers
-from .inputs import Case, Plan, plan_inputs
+from .inputs import Case, Plan, plan_inputs, serial_map
 from .ledger import Ledger, finished_cases, remove_stale_temporaries, same_key, weights_version
 from .naming import Pseudonyms
 from .progress import Progress
@@ -67,7 +67,8 @@ def run_batch(source: str | Path, out_dir: str | Path, *, address: str | None = 
     out = Path(os.path.abspath(out_dir))
     source = Path(os.path.abspath(source))  # resolved once: workers on other nodes get absolute paths
     out.mkdir(parents=True, exist_ok=True)
-    ray_session = _LazySession(address, out)
+    # a dry run on this machine reads the headers here: starting a local Ray would cost more than its tasks save
+    ray_session = _LazySession(address, out, in_driver=dry_run and not (address or os.environ.get("RAY_ADDRESS")))
     try:
         return _run(source, out, ray_session, t0, workers=workers, gpus_per_worker=gpus_per_worker,
                     threads_per_worker=threads_per_worker, regions=regions, fast=fast, retry=retry, quiet=quiet,
@@ -80,8 +81,8 @@ def run_batch(source: str | Path, out_dir: str | Path, *, address: str | None = 
 class _LazySession:
     """Ray, joined or started on first use: a small input is planned without it, a finished one never starts it."""
 
-    def __init__(self, address: str | None, out: Path):
-        self.address, self.out, self.session = address, out, None
+    def __init__(self, address: str | None, out: Path, in_driver: bool = False):
+        self.address, self.out, self.session, self.in_driver = address, out, None, in_driver
 
     def get(self):
         if self.session is None:
@@ -91,6 +92,8 @@ class _LazySession:
     def scan_map(self, func, items: list[tuple]) -> list:
         """Planning's map: each item is one task's share of DICOM folders (about FILES_PER_TASK files); one share
         is read in this process, more by Ray tasks anywhere in the cluster."""
+        if self.in_driver:
+            return serial_map(func, items)
         if len(items) > 1:
             self.get()
         return ray_map(func, items, per_task=1)
