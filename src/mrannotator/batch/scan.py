@@ -4,18 +4,18 @@ DICOM headers folder by folder, in Ray tasks when the tree is large.
 - :func:`walk` lists the tree once (linear in the number of entries, no file opened): NIfTI files by name,
   sidecars (``.json``, ``.txt``, ``.bval``, ...) counted and ignored, every folder holding other files
   noted with how many (a DICOM candidate folder), dangling links and unreadable folders kept with the reason.
-- :func:`scan_folders` reads the headers of the candidate folders handed to it, one folder at a time, without
-  pixel data and only the tags the series rules, routing and the cohort table need; each series is checked
-  with the project's own series rules (:func:`mrannotator.dicom.ingest.rule_failed`,
-  :func:`mrannotator.dicom.stack_geometry`) and described, and its headers are dropped before the next folder.
+- :func:`scan_folders` reads the candidate folders handed to it, one folder at a time (not recursively), through
+  the project's one DICOM reader (:func:`mrannotator.dicom.find_series`: headers without pixel data, its series
+  rules and reasons); each series is described in a few strings and its headers are dropped before the next
+  folder.
   A series is expected within one folder (as PACS exports and scanners write them); a folder may hold several.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +24,10 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SIDECAR_SUFFIXES = (".json", ".txt", ".bval", ".bvec", ".tsv", ".csv", ".md", ".log", ".xml", ".html", ".htm",
                     ".pdf", ".yaml", ".yml", ".ini", ".png", ".jpg", ".jpeg", ".gif", ".zip")
 SIDECAR_NAMES = ("DICOMDIR", "LOCKFILE", "VERSION", "Thumbs.db")
-# the header tags planning reads: the series rules, the stack geometry, routing and the cohort table
-PLAN_TAGS = ("SeriesInstanceUID", "SOPInstanceUID", "Modality", "ImageType", "SeriesDescription", "SeriesNumber",
-             "NumberOfFrames", "Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
-             "InstanceNumber", "PatientAge", "PatientSex", "Manufacturer", "MagneticFieldStrength",
-             "BodyPartExamined", "StudyDescription", "ProtocolName")
+# the header fields a case keeps (routing and the cohort table; no names, ids or dates)
+HEADER_TAGS = ("SeriesDescription", "SeriesNumber", "PatientAge", "PatientSex", "Manufacturer",
+               "MagneticFieldStrength", "BodyPartExamined", "StudyDescription", "ProtocolName")
+_DESCRIBED = re.compile(r"^series (\S+) '(.*?)' \(")  # mrannotator.dicom's description of a series
 FILES_PER_TASK = 2000  # DICOM candidate files one planning task reads (whole folders: a big one is one task)
 
 
@@ -130,7 +129,7 @@ class Found:
     folder: str  # the series folder (or the file, for an unusable file)
     uid: str = ""
     files: tuple[str, ...] = ()  # slice order (accepted series); every member (refused)
-    header: dict[str, str] = field(default_factory=dict)  # PLAN_TAGS as text (no UIDs, positions)
+    header: dict[str, str] = field(default_factory=dict)  # HEADER_TAGS as text
     error: str = ""  # empty: accepted
 
     @property
@@ -152,52 +151,40 @@ def _candidate_files(folder: str) -> list[str]:
 
 
 def _scan_folder(folder: str) -> list[Found]:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    """The folder's own files read through the project's one DICOM reader (:func:`mrannotator.dicom.find_series`:
+    its series rules, stacks and reasons). A folder that also has subfolders is read through a temporary view of
+    its own files (symbolic links), so that no subfolder is read twice."""
+    import tempfile
 
-    by_series: dict[str, list] = defaultdict(list)
-    seen_sop: dict[str, str] = {}
-    found: list[Found] = []
-    for path in _candidate_files(folder):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(PLAN_TAGS))
-        except InvalidDicomError:
-            found.append(Found(path, error="not a DICOM file"))
-            continue
-        except Exception as e:  # pydicom raises many types for damaged files
-            found.append(Found(path, error=f"unreadable DICOM ({type(e).__name__}: {e})"))
-            continue
-        uid, sop = ds.get("SeriesInstanceUID"), str(ds.get("SOPInstanceUID", ""))
-        if not uid:
-            found.append(Found(path, error="DICOM without a SeriesInstanceUID (e.g. a DICOMDIR)"))
-        elif sop and sop in seen_sop:
-            found.append(Found(path, error=f"second copy of the instance in {os.path.basename(seen_sop[sop])}"))
-        else:
-            seen_sop[sop] = path
-            by_series[str(uid)].append((path, ds))
-    for uid, members in by_series.items():
-        found.append(describe_series(folder, uid, members))
-    return found
+    from ..dicom import find_series
+
+    if not os.path.isdir(folder):
+        return _found(folder, find_series(folder), {})
+    with os.scandir(folder) as it:
+        nested = any(e.is_dir() for e in it)
+    if not nested:
+        return _found(folder, find_series(folder), {})
+    with tempfile.TemporaryDirectory(prefix="mra-scan-") as view:
+        real = {}
+        for f in _candidate_files(folder):
+            link = os.path.join(view, os.path.basename(f))
+            os.symlink(f, link)
+            real[link] = f
+        return _found(folder, find_series(view), real)
 
 
-def describe_series(folder: str, uid: str, members: list) -> Found:
-    """Accept or refuse one series by the project's series rules; only text and the file order are kept."""
-    from ..dicom import StackError, stack_geometry
-    from ..dicom.ingest import describe, rule_failed
-
-    datasets = [ds for _, ds in members]
-    header = {k: _text(datasets[0], k) for k in PLAN_TAGS if k not in (
-        "SeriesInstanceUID", "SOPInstanceUID", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
-        "InstanceNumber", "NumberOfFrames", "Rows", "Columns", "ImageType")}
-    why = rule_failed(datasets)
-    if why is None:
-        try:
-            order, _ = stack_geometry(datasets)
-        except StackError as e:
-            why = f"not one 3D stack: {e}"
-        else:
-            return Found(folder, uid, tuple(members[i][0] for i in order), header)
-    return Found(folder, uid, tuple(p for p, _ in members), header, error=f"{describe(datasets)}: {why}")
+def _found(folder: str, scan, real: dict[str, str]) -> list[Found]:
+    """Found records of one folder's scan (``real`` maps a view's links back to the files)."""
+    out = [Found(real.get(str(p), str(p)), error=why) for p, why in scan.skipped
+           if not (is_nifti(Path(p).name) or is_sidecar(Path(p).name))]  # NIfTI: cases; sidecars: counted
+    for s in scan.series:
+        header = {k: _text(s.header, k) for k in HEADER_TAGS}
+        out.append(Found(folder, s.uid, tuple(real.get(str(f), str(f)) for f in s.files), header))
+    for r in scan.rejected:
+        m = _DESCRIBED.match(r.description)
+        header = {"SeriesNumber": m.group(1) if m else "", "SeriesDescription": m.group(2) if m else ""}
+        out.append(Found(folder, r.series_uid, (), header, error=f"{r.description}: {r.reason}"))
+    return out
 
 
 def _text(ds, keyword: str) -> str:

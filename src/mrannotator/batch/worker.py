@@ -23,33 +23,17 @@ from .ledger import FINAL_FAILURE, Ledger, fingerprint, input_checksum
 
 
 def read_case(case: Case):
-    """The case's volume, through the project's DICOM rules and readers (NIfTI: imageio; DICOM: the planned files
-    only, their headers checked again with :mod:`mrannotator.dicom`'s series rules and stack geometry)."""
+    """The case's volume, through the project's readers only (NIfTI: imageio; DICOM: mrannotator.dicom)."""
     from ..imageio import load_image
 
-    if case.kind != "dicom":
-        return load_image(case.path)
-    import pydicom
+    if case.kind == "dicom":
+        from ..dicom import find_series, load_series
 
-    from ..dicom import Series, StackError, load_series, stack_geometry
-    from ..dicom.ingest import rule_failed
-
-    try:
-        datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in case.files]
-    except Exception as e:
-        raise InputError(f"DICOM series {case.series_uid}: a file changed or went away since planning: "
-                         f"{type(e).__name__}: {e}") from e
-    if {str(d.get("SeriesInstanceUID", "")) for d in datasets} != {case.series_uid}:
-        raise InputError(f"DICOM series {case.series_uid} in {case.path} changed since the batch was planned")
-    why = rule_failed(datasets)
-    if why:
-        raise InputError(f"DICOM series {case.series_uid}: {why}")
-    try:
-        order, affine = stack_geometry(datasets)
-    except StackError as e:
-        raise InputError(f"DICOM series {case.series_uid}: not one 3D stack: {e}") from e
-    series = Series(case.series_uid, [Path(case.files[i]) for i in order], [datasets[i] for i in order], affine)
-    return load_image(load_series(series))  # load_image: the same 3D / finite / affine checks
+        series = find_series(case.path).choose(case.series_uid)
+        if [str(f) for f in series.files] != list(case.files):
+            raise InputError(f"DICOM series {case.series_uid} in {case.path} changed since the batch was planned")
+        return load_image(load_series(series))  # load_image: the same 3D / finite / affine checks
+    return load_image(case.path)
 
 
 def structure_rows(result, image) -> list[dict]:
