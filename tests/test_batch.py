@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from mrannotator.batch.tables import COHORT_COLUMNS  # noqa: E402
 from mrannotator.cli import main  # noqa: E402
 from mrannotator.dicom import find_series, load_series  # noqa: E402
 from mrannotator.phantoms import make_phantom  # noqa: E402
+
+pytestmark = pytest.mark.cluster
 
 ORIENTATIONS = ("axial", "sagittal", "coronal", "oblique", "axial_reversed", "LPS")
 GENERATORS = ("prostate", "knee", "abdomen", "pelvis", "shoulder", "spine")
@@ -103,7 +106,7 @@ def main_run(cohort, tmp_path_factory, demo_weights) -> dict:
             seen["killed"] = record["pid"]
 
     summary = run_batch(cohort["root"], out, workers=2, preview=True, weights=demo_weights, quiet=True,
-                        on_record=on_record)
+                        on_record=on_record, private=False)
     return {"out": out, "summary": summary, **seen}
 
 
@@ -132,18 +135,23 @@ def test_every_mr_case_matches_the_segmenter_voxel_for_voxel(cohort, main_run, l
     assert main_run["summary"].processed == len(cohort["expect"]) + 1  # + the corrupt file
 
 
-def test_ct_series_and_corrupt_file_are_failures_and_nothing_else(main_run):
+def test_ct_series_and_corrupt_file_are_failures_and_nothing_else(cohort, main_run):
     import pandas as pd
 
     failures = pd.read_csv(main_run["out"] / "failures.csv").fillna("")
-    assert list(failures.columns) == ["case", "path", "error"]
+    assert list(failures.columns) == ["case", "path", "status", "series_number", "description", "error"]
     by_error = " | ".join(failures["error"])
     assert len(failures) == 2, by_error
     corrupt = failures[failures["case"] == "nifti_corrupt"]
     assert len(corrupt) == 1 and "corrupt or truncated" in corrupt["error"].iloc[0]
     ct = failures[failures["error"].str.contains("modality CT")]
     assert len(ct) == 1 and "MR only" in ct["error"].iloc[0]
+    assert ct["path"].iloc[0].endswith("ct_study/ct") and ct["series_number"].iloc[0] == 1
+    assert set(failures["status"]) == {"refused"}
     assert main_run["summary"].failed == 2
+    cases = pd.read_csv(main_run["out"] / "cases.csv").fillna("")  # every input once: 30 MR, corrupt, CT
+    assert sorted(cases["case"]) == sorted([*cohort["expect"], "nifti_corrupt", ct["case"].iloc[0]])
+    assert (cases.set_index("case").loc[list(cohort["expect"]), "status"] == "done").all()
 
 
 def test_cohort_table_rows_match_the_case_reports(cohort, main_run, ledger_records):
@@ -258,6 +266,7 @@ def test_two_node_cluster_spreads_cases_with_identical_results(two_node_run, mai
     assert set(table["case"]) == {f"m{i:02d}" for i in range(10)}
     failures = pd.read_csv(out / "failures.csv")
     assert list(failures["case"]) == ["gone"] and "not found" in failures["error"].iloc[0]
+    assert (table["path"].fillna("") == "").all()  # private by default: no DICOM folder in the public tables
     whole = pd.read_parquet(main_run["out"] / "cohort.parquet")
     for i in range(10):
         a = _labels(out / f"m{i:02d}_seg.nii.gz")
@@ -444,15 +453,16 @@ def test_plan_names_cases_like_segment_and_routes_explicit_regions(cohort):
     assert {c.route.regions for c in plan.cases} == {("knee",)}
 
 
-def test_planning_by_ray_tasks_equals_serial_planning(cohort):
-    """A folder of many DICOM studies is scanned by Ray tasks (a few study folders each); the plan is the serial
+def test_planning_by_ray_tasks_equals_serial_planning(cohort, monkeypatch):
+    """The DICOM folders of a tree are read by Ray tasks (about FILES_PER_TASK files each); the plan is the serial
     one, in the same order."""
     from mrannotator.batch.cluster import connect, ray_map
 
     serial = plan_inputs(cohort["root"] / "dicom")
     session = connect(None)
+    monkeypatch.setattr("mrannotator.batch.scan.FILES_PER_TASK", 100)  # 25 series of 48 files: 13 tasks
     try:
-        by_tasks = plan_inputs(cohort["root"] / "dicom", map_fn=lambda f, items: ray_map(f, items, per_task=4))
+        by_tasks = plan_inputs(cohort["root"] / "dicom", map_fn=lambda f, items: ray_map(f, items, per_task=1))
         squares = ray_map(operator.mul, [(i, i) for i in range(10)], per_task=4)
         pids = ray_map(os.getpid, [()] * 10, per_task=4)
     finally:
@@ -490,3 +500,225 @@ def test_embedded_ray_never_joins_a_cluster_already_running_here(tmp_path, demo_
         cluster.shutdown()
     record = json.loads((tmp_path / "out" / "ledger" / "knee.json").read_text())
     assert record["status"] == "done" and record["node"] not in theirs
+
+
+# ------------------------------------------------------------------ every input accounted for, resume checks outputs
+def _all_files(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+def test_cohort_accounts_for_every_input_once(tmp_path, demo_weights):
+    """Empty-result cases, sidecars, a refused series, OUT inside INPUT, a deleted output; private names."""
+    import pandas as pd
+
+    src = tmp_path / "in"
+    knee = make_phantom("knee", seed=5)
+    (src / "nifti").mkdir(parents=True)
+    nib.save(knee.image, src / "nifti" / "knee.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(knee.image.shape, np.float32), knee.image.affine), src / "nifti" / "blank.nii.gz")
+    for sidecar in ("knee.json", "dwi.bval", "dwi.bvec"):
+        (src / "nifti" / sidecar).write_text("{}\n")
+    study = src / "SITE" / "PAT000" / "STUDY1"
+    write_series(knee.image, study / "SER1", body_part="KNEE")
+    (study / "SER1" / "export.txt").write_text("exported\n")
+    write_series(make_phantom("abdomen", seed=6).image, study / "SER2", modality="CT", series_number=7,
+                 series_description="CT abdomen")
+    out = src / "out"  # OUT inside INPUT: left out of the scan, never segmented
+    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
+    try:
+        first = run_batch(src, out, regions=["knee"], weights=demo_weights, quiet=True, workers=1)
+        cases = pd.read_csv(out / "cases.csv").fillna("")
+        (out / "nifti_knee_seg.nii.gz").unlink()  # a deleted output: the ledger alone must not count
+        second = run_batch(src, out, regions=["knee"], weights=demo_weights, quiet=True, workers=1)
+    finally:
+        ray.shutdown()
+    assert any("inside INPUT" in n for n in first.notes)
+    assert len(cases) == 4 and cases["case"].is_unique  # knee, blank, the MR series, the CT series
+    by_status = cases.groupby("status")["case"].apply(sorted).to_dict()
+    assert by_status["empty"] == ["nifti_blank"] and cases.set_index("case").loc["nifti_blank", "structures"] == 0
+    assert len(by_status["done"]) == 2 and len(by_status["refused"]) == 1
+    refused = cases[cases["status"] == "refused"].iloc[0]
+    assert refused["series_number"] == 7 and refused["description"] == "CT abdomen" and "MR only" in refused["error"]
+    assert (first.total, first.empty, first.failed, first.sidecars) == (3, 1, 1, 4)
+    failures = pd.read_csv(out / "failures.csv")
+    assert list(failures["case"]) == [refused["case"]]
+    # private names: no folder name in the public tables; the key maps back
+    for table in ("cases.csv", "cohort.csv", "failures.csv"):
+        text = (out / table).read_text()
+        assert "PAT000" not in text and "SITE" not in text, table
+    key = pd.read_csv(out / "private" / "names.csv")
+    assert set(key["case"]) == {c for c in cases["case"] if c.startswith("c")}
+    assert key["path"].str.contains("PAT000").all()
+    # second run: only the case whose output was deleted is done again, and it is back
+    assert (second.processed, second.already_done, second.total) == (1, 2, 3)
+    assert (out / "nifti_knee_seg.nii.gz").is_file()
+    assert pd.read_csv(out / "cases.csv").fillna("").drop(columns=["seconds", "node"]).equals(
+        cases.drop(columns=["seconds", "node"]))
+    assert not [p for p in _all_files(out) if p.name.startswith(".")]
+
+
+HOSTILE_IDS = ["..", "../../escape", ".hidden", "a/b", "A/B", "ok"]
+
+
+def test_hostile_manifest_ids_are_renamed_and_nothing_escapes(tmp_path, demo_weights, capsys):
+    import pandas as pd
+
+    data = tmp_path / "data"
+    data.mkdir()
+    nib.save(make_phantom("knee", seed=8).image, data / "k.nii.gz")
+    rows = ["case_id,path", *(f"{i},data/k.nii.gz" for i in HOSTILE_IDS), "missing,data/none.nii.gz"]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "deep" / "out"
+    before = _all_files(tmp_path)
+    cmd = ["batch", "-i", str(tmp_path / "m.csv"), "-o", str(out), "--weights", str(demo_weights), "--regions",
+           "knee", "--workers", "1"]
+    assert main([*cmd, "--dry-run"]) == 0
+    assert _all_files(out) == {out / "plan.csv"}  # a dry run writes the plan only
+    plan = pd.read_csv(out / "plan.csv")
+    assert sorted(plan["status"]) == ["planned"] * 6 + ["refused"]
+    assert main([*cmd, "--quiet"]) == 2  # the missing row is refused
+    err = capsys.readouterr().err
+    for i in ("'..'", "'../../escape'", "'.hidden'", "'a/b'"):
+        assert i in err, err  # each renamed row is named
+    new = _all_files(tmp_path) - before
+    assert all(p.resolve().is_relative_to(out.resolve()) for p in new), new
+    assert not [p for p in new if any(part.startswith(".") for part in p.relative_to(out).parts)]
+    cases = pd.read_csv(out / "cases.csv")
+    assert len(cases) == 7 and cases["case"].is_unique
+    assert (cases["status"] == "done").sum() == 6
+    assert {f"{c}.json" for c in cases["case"][cases["status"] == "done"]} == {
+        p.name for p in (out / "ledger").glob("*.json")}
+
+
+# ------------------------------------------------------------------ the README's cluster recipe, with `ray start`
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _ray_start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """`ray start ... --block` (the processes it starts stay its children, so the test can end them by PID)."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    proc = subprocess.Popen([ray_cli, "start", *args, "--num-cpus", "1", "--disable-usage-stats", "--block"],
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.monotonic()
+    while "block forever" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() - t0 < 180, log.read_text()[-3000:]
+        time.sleep(0.5)
+    return proc
+
+
+def _stop_ray_start(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each `ray start --block` (it ends what it started); whatever is left is killed by PID."""
+    family = []
+    for proc in procs:
+        try:
+            family += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for proc in procs:
+        proc.terminate()
+    _, alive = psutil.wait_procs(family, timeout=30)
+    _end_leftovers(alive)
+
+
+def test_readme_cluster_recipe_two_ray_start_nodes_relative_paths(cohort, segmenter, tmp_path, demo_weights):
+    """Two `ray start` processes on 127.0.0.1 as the README says (token auth: RAY_AUTH_MODE=token and the same
+    RAY_AUTH_TOKEN everywhere), plus only what two nodes on one machine need (their own ports, --num-cpus 1);
+    a relative -i and a relative manifest; the labels equal the in-process Segmenter's, as the embedded run's do
+    (first test)."""
+    import secrets
+    import shutil
+
+    import pandas as pd
+
+    work = tmp_path / "shared"
+    for i in range(3):
+        shutil.copytree(cohort["root"] / "dicom" / f"study{i:02d}", work / "studies" / f"study{i:02d}")
+    (work / "m.csv").write_text("case_id,path\n" + "".join(f"m{i},studies/study{i:02d}\n" for i in range(3)))
+    # this module sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 for its embedded Rays: a real cluster must not have it
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"},
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    port, *p = _free_ports(11)
+    temp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths must fit 107 characters
+    agent = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+             "--metrics-export-port"]
+    procs = []
+    try:
+        procs.append(_ray_start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                                 "--include-dashboard", "false", "--temp-dir", str(temp / "h"),
+                                 "--ray-client-server-port", str(p[0]),
+                                 *[x for a, q in zip(agent, p[1:5], strict=True) for x in (a, str(q))]],
+                                env, tmp_path / "head.log"))
+        procs.append(_ray_start(["--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
+                                 "--temp-dir", str(temp / "w"),
+                                 *[x for a, q in zip(agent, p[5:9], strict=True) for x in (a, str(q))]],
+                                env, tmp_path / "node.log"))
+
+        def batch(*args, environ=env):
+            cmd = [sys.executable, "-m", "mrannotator.cli", "batch", *args, "--address", f"127.0.0.1:{port}",
+                   "--workers", "2", "--weights", str(demo_weights), "--quiet"]
+            return subprocess.run(cmd, cwd=work, env=environ, capture_output=True, text=True, timeout=600)
+
+        folder = batch("-i", "studies", "-o", "out_folder", "--folder-names")
+        listed = batch("-i", "m.csv", "-o", "out_manifest")
+        no_token = batch("-i", "m.csv", "-o", "out_refused",
+                         environ={k: v for k, v in env.items() if not k.startswith("RAY_AUTH")})
+    finally:
+        _stop_ray_start(procs)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert folder.returncode == 0, folder.stderr[-3000:]
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    assert no_token.returncode == 4 and "authentication token" in no_token.stderr, no_token.stderr[-2000:]
+    for out, name in (("out_folder", "study{:02d}_t2"), ("out_manifest", "m{}")):
+        cases = pd.read_csv(work / out / "cases.csv")
+        assert sorted(cases["case"]) == [name.format(i) for i in range(3)] and (cases["status"] == "done").all()
+        for i in range(3):
+            regions = json.loads((work / out / "ledger" / f"{name.format(i)}.json").read_text())["regions"]
+            (series,) = find_series(work / "studies" / f"study{i:02d}").series
+            ref = segmenter.segment(load_series(series), regions=regions.split(","))
+            a = _labels(work / out / f"{name.format(i)}_seg.nii.gz")
+            assert np.array_equal(a, np.asarray(ref.labels.dataobj)), (out, i)
+
+
+def test_address_nobody_answers_on_is_exit_code_4_unreachable(tmp_path, capsys):
+    nib.save(make_phantom("knee", seed=2).image, tmp_path / "k.nii.gz")
+    (port,) = _free_ports(1)
+    assert main(["batch", "-i", str(tmp_path / "k.nii.gz"), "-o", str(tmp_path / "o"), "--address",
+                 f"127.0.0.1:{port}"]) == 4
+    assert "unreachable" in capsys.readouterr().err
+
+
+def test_worker_that_cannot_see_input_takes_no_case_and_the_batch_says_which_node(tmp_path, demo_weights):
+    """INPUT not mounted on a node: the worker there reports the missing path before any case; with no worker
+    left, the batch stops with exit code 4's error naming the node and the path."""
+    from mrannotator.batch.cluster import ClusterError, RaySession, start_workers
+    from mrannotator.batch.driver import _Dispatcher
+    from mrannotator.batch.ledger import Ledger
+    from mrannotator.batch.progress import Progress
+
+    nib.save(make_phantom("knee", seed=4).image, tmp_path / "k.nii.gz")
+    plan = plan_inputs(tmp_path / "k.nii.gz", regions=["knee"])
+    args = {"out_dir": str(tmp_path / "out"), "run": {"run": "t"}, "weights": str(demo_weights), "device": "cpu",
+            "threads": 1, "mode": "exact", "regions": ["knee"], "preview": False}
+    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
+    session = RaySession(started_here=False, connected_here=False)
+    try:
+        actors = start_workers(session, 1, args, 1, 0.0)
+        dispatch = _Dispatcher(actors, plan.cases, 0, Ledger(tmp_path / "out"), {"run": "t"},
+                               Progress(1, 0, 0, True), None, in_flight=1,
+                               check_paths=[str(tmp_path), "/mnt/not-mounted-here/studies"])
+        with pytest.raises(ClusterError, match="not-mounted-here") as err:
+            dispatch.run()
+    finally:
+        session.end_workers()
+        ray.shutdown()
+    assert err.value.exit_code == 4 and "on node" in str(err.value)
+    assert not (tmp_path / "out" / "ledger").exists()  # no case was taken

@@ -1,7 +1,9 @@
 """``mrannotator batch``: the command line of :func:`mrannotator.batch.run_batch`.
 
-Exit codes: 0 every case segmented; 2 the batch finished but some inputs were refused (listed in
-failures.csv) or the input itself is unusable; 3 weights problem; 130 interrupted (re-run to resume).
+Exit codes: 0 every case segmented (some may have nothing found: status ``empty``); 2 the batch finished but some
+inputs were refused or failed (listed in failures.csv), or the input itself is unusable; 3 weights problem; 4 Ray
+cluster problem (unreachable, auth token, version mismatch, INPUT / OUT not visible on the nodes); 130
+interrupted (re-run to resume).
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ def add_cli(subparsers) -> None:
     b.add_argument("--retry", type=int, default=2, help="times a case is retried when its worker process dies")
     b.add_argument("--preview", action="store_true", help="also write CASE_preview.png (three slices + labels)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--folder-names", action="store_true",
+                   help="name DICOM cases after their folders (default: private names c0123456789, with the key "
+                        "in OUT/private/names.csv, so that the tables carry no folder names such as patient IDs)")
+    b.add_argument("--dry-run", action="store_true",
+                   help="plan only: write OUT/plan.csv (every case found, refused with the reason) and exit")
     b.set_defaults(func=cmd_batch)
 
 
@@ -44,9 +51,14 @@ def cmd_batch(args) -> int:
     summary = run_batch(args.input, args.output, address=args.address, workers=args.workers,
                         gpus_per_worker=args.gpus_per_worker, threads_per_worker=args.threads_per_worker,
                         regions=regions, fast=args.fast, retry=args.retry, quiet=args.quiet, preview=args.preview,
-                        weights=args.weights)
+                        weights=args.weights, private=not args.folder_names, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"{summary.total} cases planned, {summary.failed} refused, {summary.sidecars} sidecar files ignored; "
+              f"plan in {summary.tables['plan']}", file=sys.stderr)
+        return 0
     if not args.quiet:
         print(f"{summary.total} cases: {summary.already_done} done before, {summary.processed} processed now "
-              f"({summary.workers} workers, {summary.seconds:.0f} s), {summary.failed} in failures.csv; "
+              f"({summary.workers} workers, {summary.seconds:.0f} s), {summary.empty} with nothing found, "
+              f"{summary.failed} refused or failed (failures.csv), {summary.sidecars} sidecar files ignored; "
               f"tables in {summary.out_dir}", file=sys.stderr)
     return 2 if summary.failed else 0

@@ -8,6 +8,7 @@ itself, so a killed driver loses at most the cases then in flight.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import uuid
@@ -17,19 +18,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..errors import MRAnnotatorError
+from ..errors import InputError, MRAnnotatorError
 from ..weights import load_weights
-from .cluster import SCAN_UNITS_PER_TASK, cases_in_flight, connect, default_workers, ray_map, start_workers
-from .inputs import Case, plan_inputs
+from .cluster import LOG_DIR, ClusterError, cases_in_flight, connect, default_workers, ray_map, start_workers
+from .inputs import Case, Plan, plan_inputs, serial_map
 from .ledger import Ledger, finished_cases, remove_stale_temporaries, same_key, weights_version
-from .tables import write_tables
+from .naming import Pseudonyms
+from .progress import Progress
+from .tables import write_plan, write_tables
 
 WORKER_START_TIMEOUT_S = 900.0  # models load in seconds; a worker Ray cannot place (no free GPU) never starts
 
 
 @dataclass
 class BatchSummary:
-    """What a batch did. ``processed`` counts the cases this run segmented (or tried to)."""
+    """What a batch did. ``processed`` counts the cases this run segmented (or tried to); ``failed`` the cases
+    refused or failed (the ``refused`` and ``failed`` rows of cases.csv), the same count the progress line shows."""
 
     out_dir: Path
     total: int
@@ -41,26 +45,35 @@ class BatchSummary:
     seconds: float
     nodes: dict[str, int] = field(default_factory=dict)  # node id -> cases this run processed there
     tables: dict[str, Path] = field(default_factory=dict)
+    empty: int = 0  # cases segmented with nothing found
+    sidecars: int = 0  # non-image files ignored
+    notes: list[str] = field(default_factory=list)  # renamed manifest ids, OUT left out of INPUT
+    dry_run: bool = False
 
 
 def run_batch(source: str | Path, out_dir: str | Path, *, address: str | None = None, workers: int | None = None,
               gpus_per_worker: float = 0.0, threads_per_worker: int = 1, regions: Sequence[str] | str | None = None,
               fast: bool = False, retry: int = 2, quiet: bool = False, preview: bool = False,
               weights: str | Path | None = None, worker_resources: dict | None = None,
-              on_record: Callable[[dict], None] | None = None) -> BatchSummary:
+              on_record: Callable[[dict], None] | None = None, private: bool = True,
+              dry_run: bool = False) -> BatchSummary:
     """Segment every case of ``source`` (NIfTI files, DICOM tree or CSV manifest) into ``out_dir`` on Ray.
 
     Re-running the same call after a crash or Ctrl-C finishes the remaining cases only. ``on_record`` is called
-    in the driver with each case's ledger record as it arrives.
+    in the driver with each case's ledger record as it arrives. ``private``: DICOM cases named by pseudonyms
+    (key in OUT/private). ``dry_run``: plan only, write ``OUT/plan.csv`` and return.
     """
     t0 = time.perf_counter()
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))
+    source = Path(os.path.abspath(source))  # resolved once: workers on other nodes get absolute paths
     out.mkdir(parents=True, exist_ok=True)
-    ray_session = _LazySession(address)
+    # a dry run on this machine reads the headers here: starting a local Ray would cost more than its tasks save
+    ray_session = _LazySession(address, out, in_driver=dry_run and not (address or os.environ.get("RAY_ADDRESS")))
     try:
         return _run(source, out, ray_session, t0, workers=workers, gpus_per_worker=gpus_per_worker,
                     threads_per_worker=threads_per_worker, regions=regions, fast=fast, retry=retry, quiet=quiet,
-                    preview=preview, weights=weights, worker_resources=worker_resources, on_record=on_record)
+                    preview=preview, weights=weights, worker_resources=worker_resources, on_record=on_record,
+                    private=private, dry_run=dry_run)
     finally:
         ray_session.close()
 
@@ -68,30 +81,60 @@ def run_batch(source: str | Path, out_dir: str | Path, *, address: str | None = 
 class _LazySession:
     """Ray, joined or started on first use: a small input is planned without it, a finished one never starts it."""
 
-    def __init__(self, address: str | None):
-        self.address, self.session = address, None
+    def __init__(self, address: str | None, out: Path, in_driver: bool = False):
+        self.address, self.out, self.session, self.in_driver = address, out, None, in_driver
 
     def get(self):
         if self.session is None:
-            self.session = connect(self.address)
+            self.session = connect(self.address, log_dir=self.out / LOG_DIR)
         return self.session
 
     def scan_map(self, func, items: list[tuple]) -> list:
-        """Planning's map: a DICOM tree of more study folders than one task takes is scanned by Ray tasks
-        (``ray_map`` scans fewer in this process, so Ray is started only for more)."""
-        if len(items) > SCAN_UNITS_PER_TASK:
+        """Planning's map: each item is one task's share of DICOM folders (about FILES_PER_TASK files); one share
+        is read in this process, more by Ray tasks anywhere in the cluster."""
+        if self.in_driver:
+            return serial_map(func, items)
+        if len(items) > 1:
             self.get()
-        return ray_map(func, items)
+        return ray_map(func, items, per_task=1)
 
     def close(self) -> None:
         if self.session is not None:
             self.session.close()
 
 
-def _run(source, out: Path, ray_session: _LazySession, t0: float, *, workers, gpus_per_worker, threads_per_worker,
-         regions, fast, retry, quiet, preview, weights, worker_resources, on_record) -> BatchSummary:
+def _out_inside_input(source: Path, out: Path) -> list[Path]:
+    """OUT, left out of every scan (an OUT inside INPUT, or inside a manifest row's folder, holds outputs, not
+    inputs); OUT equal to a folder INPUT is refused."""
+    if source.is_dir() and out == source:
+        raise InputError(f"the output folder is the input folder ({source}): choose another -o")
+    return [out]
+
+
+def _plan(source: Path, out: Path, ray_session, regions, private: bool) -> tuple[Plan, list[str]]:
+    exclude = _out_inside_input(source, out)
+    names = Pseudonyms(out) if private else None
+    plan = plan_inputs(source, regions, map_fn=ray_session.scan_map, exclude=exclude, names=names)
+    notes = [f"OUT {p} is inside INPUT: left out of the input scan" for p in plan.excluded] + plan.renamed
+    if names is not None and any(c.private for c in (*plan.cases, *plan.skipped)):
+        names.write_key([{"case": c.name, "kind": c.kind, "path": c.path, "series_uid": c.series_uid,
+                          "series_number": c.series_number} for c in plan.cases if c.private]
+                        + [{"case": s.case, "kind": "refused", "path": s.path, "series_number": s.series_number}
+                           for s in plan.skipped if s.private])
+    for note in notes:  # warnings, shown with --quiet too
+        print(f"mrannotator batch: {note}", file=sys.stderr)
+    return plan, notes
+
+
+def _run(source: Path, out: Path, ray_session: _LazySession, t0: float, *, workers, gpus_per_worker,
+         threads_per_worker, regions, fast, retry, quiet, preview, weights, worker_resources, on_record, private,
+         dry_run) -> BatchSummary:
     resolved = load_weights(weights)  # a weights problem stops here, before any worker starts
-    plan = plan_inputs(source, regions, map_fn=ray_session.scan_map)
+    plan, notes = _plan(source, out, ray_session, regions, private)
+    if dry_run:
+        tables = {"plan": write_plan(out, plan)}
+        return BatchSummary(out, len(plan.cases), 0, 0, len(plan.skipped), 0, 0, time.perf_counter() - t0,
+                            tables=tables, sidecars=plan.sidecars, notes=notes, dry_run=True)
     mode = "fast" if fast else "exact"
     version = weights_version(resolved)
     run = {"run": f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}",
@@ -101,39 +144,56 @@ def _run(source, out: Path, ray_session: _LazySession, t0: float, *, workers, gp
         return {"weights_version": version, "mode": mode, "regions": case.route.label}
 
     ledger = Ledger(out)
-    done_before = finished_cases(plan.cases, ledger.read(), key_of)
+    records = ledger.read()
+    done_before = finished_cases(plan.cases, records, key_of, out)
     todo = [c for c in plan.cases if c.name not in done_before]
     remove_stale_temporaries(out)
     stats = Counter()
     n_workers = 0
     if todo:
-        worker_args = {"out_dir": str(out.resolve()), "run": run, "weights": str(resolved.root),
+        worker_args = {"out_dir": str(out), "run": run, "weights": str(resolved.root),
                        "device": "cuda" if gpus_per_worker > 0 else "cpu", "threads": threads_per_worker,
                        "mode": mode, "regions": None if regions in (None, "auto") else list(regions),
                        "preview": preview}
-        n_workers, stats = _process(todo, len(plan.cases), len(done_before), ledger, run, worker_args,
+        failed_before = len(plan.skipped) + sum(records[n].get("status") != "done" for n in done_before)
+        n_workers, stats = _process(todo, len(plan.cases) + len(plan.skipped),
+                                    len(done_before) + len(plan.skipped), failed_before, ledger, run, worker_args,
                                     session=ray_session.get(), workers=workers, threads_per_worker=threads_per_worker,
                                     gpus_per_worker=gpus_per_worker, worker_resources=worker_resources,
-                                    retry=retry, quiet=quiet, on_record=on_record)
+                                    retry=retry, quiet=quiet, on_record=on_record,
+                                    check_paths=_paths_to_check(source, out, todo))
     records = ledger.read()
     current = [rec for c in plan.cases if (rec := records.get(c.name)) and same_key(rec, key_of(c))]
     tables = write_tables(out, current, plan.skipped)
     failed = sum(r.get("status") != "done" for r in current) + len(plan.skipped)
+    empty = sum(r.get("status") == "done" and not r.get("rows") for r in current)
     return BatchSummary(out, len(plan.cases), len(done_before), stats["processed"], failed, stats["retried"],
                         n_workers, time.perf_counter() - t0,
-                        {k[5:]: v for k, v in stats.items() if k.startswith("node:")}, tables)
+                        {k[5:]: v for k, v in stats.items() if k.startswith("node:")}, tables, empty=empty,
+                        sidecars=plan.sidecars, notes=notes)
 
 
-def _process(todo: list[Case], total: int, already: int, ledger: Ledger, run: dict, worker_args: dict, *,
-             session, workers, threads_per_worker, gpus_per_worker, worker_resources, retry, quiet, on_record):
+def _paths_to_check(source: Path, out: Path, todo: list[Case], most: int = 50) -> list[str]:
+    """INPUT, OUT and the folders of up to ``most`` cases: what every worker must see before it takes a case."""
+    paths = dict.fromkeys([str(source), str(out)])
+    for c in todo:
+        if len(paths) >= most:
+            break
+        paths.setdefault(str(Path(c.path).parent), None)
+    return list(paths)
+
+
+def _process(todo: list[Case], total: int, already: int, failed: int, ledger: Ledger, run: dict, worker_args: dict,
+             *, session, workers, threads_per_worker, gpus_per_worker, worker_resources, retry, quiet, on_record,
+             check_paths):
     """Run ``todo`` on Ray workers; returns (number of workers, counters)."""
     try:
         n = workers or min(default_workers(threads_per_worker, gpus_per_worker), len(todo))
         actors = start_workers(session, n, worker_args, threads_per_worker, gpus_per_worker, worker_resources)
-        progress = _Progress(total, already, quiet)
+        progress = Progress(total, already, failed, quiet)
         try:
             dispatch = _Dispatcher(actors, todo, retry, ledger, run, progress, on_record,
-                                   in_flight=cases_in_flight(gpus_per_worker))
+                                   in_flight=cases_in_flight(gpus_per_worker), check_paths=check_paths)
             dispatch.run()
         except KeyboardInterrupt:
             progress.close()
@@ -157,13 +217,14 @@ class _Dispatcher:
     PROBE_INTERVAL_S = 1.0
 
     def __init__(self, actors: list, cases: list[Case], retry: int, ledger: Ledger, run: dict, progress,
-                 on_record, in_flight: int):
+                 on_record, in_flight: int, check_paths: list[str] = ()):
         import ray
 
         self.actors = actors
         self.pending = deque((c, 1) for c in cases)
         self.inflight: dict = {}  # object ref -> (case, attempt, worker index)
-        self.probing = {a.ready.remote(): i for i, a in enumerate(actors)}  # ready() ref -> worker index
+        self.check_paths = list(check_paths)  # INPUT, OUT...: a worker that cannot see them takes no case
+        self.probing = {a.ready.remote(self.check_paths): i for i, a in enumerate(actors)}  # ref -> worker index
         self.probe_later: dict[int, float] = {}  # worker index -> when to probe it again
         self.down: set[int] = set(range(len(actors)))  # workers not (yet, or no longer) taking cases
         self.dead: dict[int, str] = {}  # workers Ray could not (re)start, with the reason
@@ -178,7 +239,7 @@ class _Dispatcher:
         while self.pending or self.inflight:
             self._probe_due()
             if len(self.dead) == len(self.actors):
-                raise MRAnnotatorError("no batch worker could start:\n  " + "\n  ".join(
+                raise ClusterError("no batch worker could start:\n  " + "\n  ".join(
                     f"worker {i}: {why}" for i, why in sorted(self.dead.items())))
             refs = [*self.inflight, *self.probing]
             if refs:
@@ -202,17 +263,23 @@ class _Dispatcher:
         for i, when in list(self.probe_later.items()):
             if when <= now:
                 del self.probe_later[i]
-                self.probing[self.actors[i].ready.remote()] = i
+                self.probing[self.actors[i].ready.remote(self.check_paths)] = i
 
     def _probed(self, ref) -> None:
         i = self.probing.pop(ref)
         try:
-            self._ray.get(ref)
+            info = self._ray.get(ref)
         except self._ray.exceptions.ActorUnavailableError:  # still restarting
             self.probe_later[i] = time.monotonic() + self.PROBE_INTERVAL_S
             return
         except self._ray.exceptions.RayError as e:  # e.g. the models could not load on that node
             self.dead[i] = _short(e)
+            return
+        if info.get("missing"):  # INPUT or OUT not mounted there: no case goes to it
+            self.dead[i] = (f"on node {info['host']} ({info['node'][:12]}) these paths do not exist: "
+                            f"{', '.join(info['missing'][:3])}: every node must see INPUT and OUT at the same "
+                            "paths (a shared file system)")
+            print(f"mrannotator batch: worker {i} takes no case: {self.dead[i]}", file=sys.stderr)
             return
         self.ever_ready = True
         self.down.discard(i)
@@ -252,7 +319,8 @@ class _Dispatcher:
     def _worker_failure(self, case: Case, attempt: int, error: Exception) -> dict:
         record = {"case": case.name, "path": case.path, "kind": case.kind, "regions": case.route.label,
                   "routed_by": case.route.reason, **self.run_key, "attempt": attempt, "status": "failed",
-                  "failure": "worker", "header": case.header, "seconds": 0.0,
+                  "failure": "worker", "header": case.header, "seconds": 0.0, "private": case.private,
+                  "series_number": case.series_number,
                   "error": f"the worker process died on each of {attempt} attempts: {_short(error)}",
                   "finished": datetime.now(UTC).isoformat(timespec="seconds")}
         self.ledger.write(record)
@@ -262,32 +330,3 @@ class _Dispatcher:
 def _short(error: Exception) -> str:
     text = str(error).strip().splitlines()
     return text[0][:300] if text else type(error).__name__
-
-
-class _Progress:
-    """cases done / total, cases per minute, ETA and failures on one line of stderr (nothing when quiet)."""
-
-    def __init__(self, total: int, already: int, quiet: bool):
-        from tqdm import tqdm
-
-        self.failed = 0
-        self.t0 = time.monotonic()
-        self.done_here = 0
-        self.live = sys.stderr.isatty()  # a log file gets one line per case, not a redraw every half second
-        self.bar = tqdm(total=total, initial=already, disable=quiet, file=sys.stderr, unit="case", smoothing=0.1,
-                        mininterval=0.5 if self.live else 0.0,
-                        bar_format="{n}/{total} cases |{bar:20}| {elapsed} elapsed, ETA {remaining}{postfix}")
-
-    def update(self, record: dict) -> None:
-        self.done_here += 1
-        self.failed += record.get("status") != "done"
-        per_min = 60.0 * self.done_here / max(time.monotonic() - self.t0, 1e-6)
-        self.bar.set_postfix_str(f"{per_min:.1f} cases/min, {self.failed} failed", refresh=False)
-        self.bar.update(1)
-
-    def refresh(self) -> None:
-        if self.live:
-            self.bar.refresh()
-
-    def close(self) -> None:
-        self.bar.close()

@@ -39,6 +39,34 @@ def input_checksum(files: Iterable[str | Path]) -> str:
     return h.hexdigest()
 
 
+def fingerprint(path: Path) -> dict:
+    """Size, modification time and SHA-256 of an output file, as its ledger record keeps them."""
+    st = Path(path).stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": input_checksum([path])}
+
+
+def outputs_intact(out_dir: Path, record: dict) -> bool:
+    """Whether every output a record lists exists with the size and content it had when the record was written
+    (the hash is computed again only when the modification time differs). A record of a refused input has
+    none; a record from before outputs were fingerprinted is not trusted."""
+    if record.get("status") != "done":
+        return True
+    files = record.get("output_files")
+    if not files:
+        return False
+    for name, want in files.items():
+        p = Path(out_dir) / name
+        try:
+            st = p.stat()
+        except OSError:
+            return False
+        if st.st_size != want.get("size"):
+            return False
+        if st.st_mtime_ns != want.get("mtime_ns") and input_checksum([p]) != want.get("sha256"):
+            return False
+    return True
+
+
 def weights_version(weights: Weights) -> str:
     """A hash of every model's checkpoint, dataset.json and plans.json: retrained or other weights get another
     version even under the same folder name, the same weights the same version wherever they are installed."""
@@ -88,10 +116,11 @@ def still_valid(record: dict | None, key: dict) -> bool:
     return record.get("status") == "done" or record.get("failure") == FINAL_FAILURE
 
 
-def finished_cases(cases: list, records: dict[str, dict], key_of, threads: int = 4) -> set[str]:
-    """Names of the cases whose record is still valid and whose input is unchanged (checksums re-computed,
-    in parallel, for those cases only)."""
-    candidates = [c for c in cases if still_valid(records.get(c.name), key_of(c))]
+def finished_cases(cases: list, records: dict[str, dict], key_of, out_dir: Path, threads: int = 4) -> set[str]:
+    """Names of the cases whose record is still valid, whose outputs are there unchanged and whose input is
+    unchanged (checksums re-computed, in parallel, for those cases only)."""
+    candidates = [c for c in cases if still_valid(records.get(c.name), key_of(c))
+                  and records[c.name].get("path") == c.path and outputs_intact(out_dir, records[c.name])]
     with ThreadPoolExecutor(threads) as pool:  # hashlib releases the GIL: reading and hashing overlap
         sums = list(pool.map(lambda c: input_checksum(c.files), candidates))
     return {c.name for c, s in zip(candidates, sums, strict=True) if records[c.name].get("checksum") == s}

@@ -1,8 +1,12 @@
-"""The cohort outputs of a batch: ``cohort.parquet`` / ``cohort.csv``, ``failures.csv`` and ``cohort.png``.
+"""The cohort outputs of a batch: ``cases.parquet`` / ``cases.csv`` (one row per input case), ``cohort.parquet``
+/ ``cohort.csv`` (one row per case and structure found), ``failures.csv`` and ``cohort.png``.
 
 Everything here is built from ledger records (and the inputs the scan refused), sorted by case and
 structure id, so an interrupted-and-resumed batch writes the same tables as an uninterrupted one (the
-measured ``seconds`` and the ``node`` a case ran on aside).
+measured ``seconds`` and the ``node`` a case ran on aside). A case's ``status``: ``done`` (structures found),
+``empty`` (segmented, nothing found), ``refused`` (the input itself: not MR, corrupt, not a 3D stack, a
+missing manifest path...) or ``failed`` (an error while segmenting; tried again by the next run). A private case
+(see :mod:`.naming`) has an empty ``path`` in every public table.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ import numpy as np
 
 from ..imageio import write_atomic
 from .inputs import COHORT_FIELDS, Skip
+from .ledger import FINAL_FAILURE
 
+CASE_COLUMNS = ("case", "path", "status", "error", "structures", "seconds", "node", "regions", "kind",
+                "series_number", "description")
 COHORT_COLUMNS = ("case", "path", "structure", "id", "voxels", "volume_ml", "mean_intensity", "weights", "mode",
                   "seconds", "regions", "node", *COHORT_FIELDS)
-FAILURE_COLUMNS = ("case", "path", "error")
+FAILURE_COLUMNS = ("case", "path", "status", "series_number", "description", "error")
 _AGE = re.compile(r"^\s*(\d+)\s*([DWMY]?)\s*$", re.I)
 _AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0, "": 1.0}
 
@@ -32,7 +39,7 @@ def cohort_frame(records: Iterable[dict]):
         if rec.get("status") != "done":
             continue
         header = rec.get("header") or {}
-        base = {"case": rec["case"], "path": rec["path"], "weights": rec["weights"], "mode": rec["mode"],
+        base = {"case": rec["case"], "path": public_path(rec), "weights": rec["weights"], "mode": rec["mode"],
                 "seconds": rec["seconds"], "regions": rec["regions"], "node": rec.get("node", "")}
         for s in sorted(rec.get("rows", []), key=lambda s: s["id"]):
             rows.append({**base, **s, **{k: header.get(k, "") for k in COHORT_FIELDS}})
@@ -42,13 +49,47 @@ def cohort_frame(records: Iterable[dict]):
                          "seconds": "float64"})
 
 
-def failures_frame(records: Iterable[dict], skipped: Iterable[Skip]):
+def public_path(rec: dict) -> str:
+    return "" if rec.get("private") else rec.get("path", "")
+
+
+def case_status(rec: dict) -> str:
+    if rec.get("status") == "done":
+        return "done" if rec.get("rows") else "empty"
+    return "refused" if rec.get("failure") == FINAL_FAILURE else "failed"
+
+
+def case_rows(records: Iterable[dict], skipped: Iterable[Skip]) -> list[dict]:
+    """One row per input case: every ledger record and every input the plan refused, by case name."""
+    rows = []
+    for rec in records:
+        header = rec.get("header") or {}
+        rows.append({"case": rec["case"], "path": public_path(rec), "status": case_status(rec),
+                     "error": rec.get("error", "") if rec.get("status") != "done" else "",
+                     "structures": len(rec.get("rows") or []), "seconds": float(rec.get("seconds") or 0.0),
+                     "node": rec.get("node", ""), "regions": rec.get("regions", ""), "kind": rec.get("kind", ""),
+                     "series_number": str(rec.get("series_number", "") or ""),
+                     "description": header.get("SeriesDescription", "")})
+    for s in skipped:
+        rows.append({"case": s.case, "path": "" if s.private else s.path, "status": "refused", "error": s.error,
+                     "structures": 0, "seconds": 0.0, "node": "", "regions": "", "kind": "",
+                     "series_number": s.series_number, "description": s.description})
+    return sorted(rows, key=lambda r: r["case"])
+
+
+def cases_frame(rows: list[dict]):
     import pandas as pd
 
-    rows = [{"case": r["case"], "path": r["path"], "error": r.get("error", "")}
-            for r in records if r.get("status") != "done"]
-    rows += [{"case": s.case, "path": s.path, "error": s.error} for s in skipped]
-    return pd.DataFrame(sorted(rows, key=lambda r: (r["case"], r["path"])), columns=list(FAILURE_COLUMNS))
+    return pd.DataFrame(rows, columns=list(CASE_COLUMNS)).astype({"structures": "int64", "seconds": "float64"})
+
+
+def failures_frame(rows: list[dict]):
+    """The refused and failed rows of the cases table (what to look at), with the series number and description
+    of a refused series."""
+    import pandas as pd
+
+    bad = [{k: r[k] for k in FAILURE_COLUMNS} for r in rows if r["status"] in ("refused", "failed")]
+    return pd.DataFrame(bad, columns=list(FAILURE_COLUMNS))
 
 
 def age_in_years(value: str) -> float:
@@ -58,11 +99,15 @@ def age_in_years(value: str) -> float:
 
 
 def write_tables(out_dir: Path, records: list[dict], skipped: list[Skip], figure: bool = True) -> dict[str, Path]:
-    """cohort.parquet, cohort.csv, failures.csv (and cohort.png), each written atomically."""
+    """cases.parquet / .csv, cohort.parquet / .csv, failures.csv (and cohort.png), each written atomically."""
     cohort = cohort_frame(records)
-    failures = failures_frame(records, skipped)
+    rows = case_rows(records, skipped)
+    cases = cases_frame(rows)
+    failures = failures_frame(rows)
     out = Path(out_dir)
     paths = {
+        "cases_parquet": write_atomic(out / "cases.parquet", lambda tmp: cases.to_parquet(tmp, index=False)),
+        "cases": write_atomic(out / "cases.csv", lambda tmp: cases.to_csv(tmp, index=False)),
         "parquet": write_atomic(out / "cohort.parquet", lambda tmp: cohort.to_parquet(tmp, index=False)),
         "csv": write_atomic(out / "cohort.csv", lambda tmp: cohort.to_csv(tmp, index=False)),
         "failures": write_atomic(out / "failures.csv", lambda tmp: failures.to_csv(tmp, index=False)),
@@ -132,3 +177,19 @@ def _volume_by_age(ax, cohort, ids, colours) -> None:
     ax.set_ylabel("volume (ml)")
     ax.set_yscale("log")
     ax.legend(fontsize=7, loc="best")
+
+
+PLAN_COLUMNS = ("case", "path", "kind", "status", "regions", "routed_by", "files", "series_number", "error")
+
+
+def write_plan(out_dir: Path, plan) -> Path:
+    """``OUT/plan.csv`` (``--dry-run``): every input case, ``planned`` or ``refused`` with the reason."""
+    import pandas as pd
+
+    rows = [{"case": c.name, "path": "" if c.private else c.path, "kind": c.kind, "status": "planned",
+             "regions": c.route.label, "routed_by": c.route.reason, "files": len(c.files),
+             "series_number": c.series_number, "error": ""} for c in plan.cases]
+    rows += [{"case": s.case, "path": "" if s.private else s.path, "kind": "", "status": "refused", "regions": "",
+              "routed_by": "", "files": 0, "series_number": s.series_number, "error": s.error} for s in plan.skipped]
+    frame = pd.DataFrame(sorted(rows, key=lambda r: r["case"]), columns=list(PLAN_COLUMNS))
+    return write_atomic(Path(out_dir) / "plan.csv", lambda tmp: frame.to_csv(tmp, index=False))

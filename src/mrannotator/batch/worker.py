@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import InputError
 from .inputs import Case
-from .ledger import FINAL_FAILURE, Ledger, input_checksum
+from .ledger import FINAL_FAILURE, Ledger, fingerprint, input_checksum
 
 
 def read_case(case: Case):
@@ -63,11 +63,13 @@ class SegmentWorker:
         self.segmenter = Segmenter(weights=weights, device=device, threads=threads, mode=mode, regions=regions)
         self._network = threading.Lock()
 
-    def ready(self) -> dict:
+    def ready(self, paths: list[str] = ()) -> dict:
+        """Who this worker is, and which of ``paths`` (INPUT, OUT) it cannot see (not mounted on its node)."""
         import ray
 
         return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "models": [m.dataset for m in self.segmenter.models]}
+                "host": os.uname().nodename, "models": [m.dataset for m in self.segmenter.models],
+                "missing": [p for p in paths if not os.path.exists(p)]}
 
     def process(self, case: Case, attempt: int) -> dict:
         """Segment ``case``, write its outputs and its ledger record; the record is returned.
@@ -81,7 +83,8 @@ class SegmentWorker:
         waited = 0.0
         record = {"case": case.name, "path": case.path, "kind": case.kind, "regions": case.route.label,
                   "routed_by": case.route.reason, **self.run, "attempt": attempt,
-                  "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "header": case.header}
+                  "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "header": case.header,
+                  "private": case.private, "series_number": case.series_number}
         try:
             record["checksum"] = input_checksum(case.files)
             image = read_case(case)
@@ -104,12 +107,14 @@ class SegmentWorker:
     def _write(self, case: Case, result, image) -> dict:
         from ..outputs import write_outputs
 
-        seg_path, json_path = write_outputs(result, self.out_dir, case.name, case.path)
+        # a private case's report names the case, not its folder
+        seg_path, json_path = write_outputs(result, self.out_dir, case.name, case.name if case.private else case.path)
         outputs = {"labels": seg_path.name, "report": json_path.name}
         if self.preview:
             from ..preview import write_preview
 
             outputs["preview"] = write_preview(image, result.labels, self.out_dir / f"{case.name}_preview.png",
                                                result.structures, title=case.name).name
-        return {"outputs": outputs, "rows": structure_rows(result, image), "models_run": result.models_run,
+        return {"outputs": outputs, "output_files": {n: fingerprint(self.out_dir / n) for n in outputs.values()},
+                "rows": structure_rows(result, image), "models_run": result.models_run,
                 "segment_seconds": round(result.seconds, 3)}
