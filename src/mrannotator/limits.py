@@ -49,11 +49,12 @@ class Limits:
 
     @classmethod
     def from_env(cls) -> Limits:
-        return cls(max_voxels=_positive_env("MRANNOTATOR_MAX_VOXELS", DEFAULT_MAX_VOXELS),
-                   max_bytes=_positive_env("MRANNOTATOR_MAX_BYTES", DEFAULT_MAX_BYTES))
+        return cls(max_voxels=positive_env_int("MRANNOTATOR_MAX_VOXELS", DEFAULT_MAX_VOXELS),
+                   max_bytes=positive_env_int("MRANNOTATOR_MAX_BYTES", DEFAULT_MAX_BYTES))
 
 
-def _positive_env(name: str, default: int) -> int:
+def positive_env_int(name: str, default: int) -> int:
+    """A positive whole number from the environment variable ``name``; ``default`` when unset or empty."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default

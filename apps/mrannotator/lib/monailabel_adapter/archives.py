@@ -23,7 +23,6 @@ accepts), ``MRANNOTATOR_ARCHIVE_MAX_RATIO`` (100; DICOM and NIfTI compress 2-10x
 
 from __future__ import annotations
 
-import os
 import shutil
 import stat
 import tarfile
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from mrannotator.limits import Limits
+from mrannotator.limits import Limits, positive_env_int
 
 CHUNK = 1 << 20
 
@@ -56,23 +55,10 @@ class ArchiveLimits:
 
     @classmethod
     def from_env(cls) -> ArchiveLimits:
-        return cls(max_members=_env_int("MRANNOTATOR_ARCHIVE_MAX_MEMBERS", cls.max_members),
-                   max_bytes=_env_int("MRANNOTATOR_ARCHIVE_MAX_BYTES", Limits.from_env().max_bytes),
-                   max_ratio=float(_env_int("MRANNOTATOR_ARCHIVE_MAX_RATIO", int(cls.max_ratio))),
-                   ratio_allowance=_env_int("MRANNOTATOR_ARCHIVE_RATIO_ALLOWANCE", cls.ratio_allowance))
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r}: expected a positive whole number") from None
-    if value <= 0:
-        raise ValueError(f"{name}={raw!r}: expected a positive whole number")
-    return value
+        return cls(max_members=positive_env_int("MRANNOTATOR_ARCHIVE_MAX_MEMBERS", cls.max_members),
+                   max_bytes=positive_env_int("MRANNOTATOR_ARCHIVE_MAX_BYTES", Limits.from_env().max_bytes),
+                   max_ratio=float(positive_env_int("MRANNOTATOR_ARCHIVE_MAX_RATIO", int(cls.max_ratio))),
+                   ratio_allowance=positive_env_int("MRANNOTATOR_ARCHIVE_RATIO_ALLOWANCE", cls.ratio_allowance))
 
 
 def check_member_name(name: str) -> tuple[str, ...]:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from fastapi import HTTPException
 
-from mrannotator.limits import Limits
-
-from .archives import _env_int
+from mrannotator.limits import Limits, positive_env_int
 
 
 class UploadTooLarge(HTTPException):
@@ -26,7 +24,7 @@ class UploadTooLarge(HTTPException):
 
 
 def max_upload_bytes() -> int:
-    return _env_int("MRANNOTATOR_UPLOAD_MAX_BYTES", Limits.from_env().max_bytes + 2**20)
+    return positive_env_int("MRANNOTATOR_UPLOAD_MAX_BYTES", Limits.from_env().max_bytes + 2**20)
 
 
 def capped(scope, receive):
