@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 
-from . import lowmem_export
+from . import lowmem_export, memory
 from . import nnunet_adapter as nnunet
 from .catalogue import FIRST_UNCATALOGUED_ID, LabelCatalogue, Structure, expand_regions, load_catalogue
 from .errors import InputError, WeightsError
@@ -172,19 +172,17 @@ class Segmenter:
         img = load_image(image)
         models = self._select(regions, structures)
         keep = self._structure_filter(structures)
-
+        memory.check(img.shape, voxel_spacing(img.affine), [memory.profile(m.dataset, m.predictor) for m in models],
+                     probabilities)  # before any work: over the budget -> MemoryBudgetError (HTTP 413, exit 2)
         data = np.asanyarray(img.dataobj)
-        merged = None
-        best = None
-        overlaps = 0
+        merged = best = None
+        overlaps, skipped = 0, []
         probs_out: dict[int, np.ndarray] | None = {} if probabilities else None
         # one model at a time, reduced to labels (+ own-class probability for the merge) before the next
         output = "probabilities" if probabilities else ("confidence" if len(models) > 1 else "labels")
-        skipped = []
         for m in models:
             arr, aff, reo = reorient_to(data, img.affine, tuple(m.folder.orientation))
-            check = self.skip_absent_regions and len(models) > 1
-            out = self._predict(m, arr, aff, output, check, say)
+            out = self._predict(m, arr, aff, output, self.skip_absent_regions and len(models) > 1, say)
             del arr
             if out is None:
                 skipped.append(m.dataset)
