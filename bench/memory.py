@@ -185,6 +185,8 @@ def main(argv=None) -> int:
     ap.add_argument("--server", action="store_true", help="also time POST /infer/mrannotator on a server")
     ap.add_argument("--max-gb", type=float, default=12.0, help="kill a run whose tree passes this (GiB)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.json")
+    ap.add_argument("--merge", action="store_true", help="keep earlier rows it does not redo")
+    ap.add_argument("--no-engine", action="store_true", help="skip the engine rows (with --merge: keep earlier ones)")
     args = ap.parse_args(argv)
     shape = tuple(int(n) for n in args.shape.split("x"))
     cap = int(args.max_gb * GIB)
@@ -192,10 +194,11 @@ def main(argv=None) -> int:
     img = make_image(shape, work / "mr.nii.gz")
     make_image((32, 32, 8), work / "tiny.nii.gz")
     datasets = {p.name[7:10]: p.name for p in DEMO.glob("Dataset*")}
-    rows: dict[str, dict] = {}
-    rows["engine_cli_tiny"] = engine_cli(work / "tiny.nii.gz", work / "out_tiny", cap)
-    rows["engine_cli"] = engine_cli(work / "mr.nii.gz", work / "out_engine", cap)
-    print("engine_cli", rows["engine_cli"], flush=True)
+    rows: dict[str, dict] = json.loads(args.out.read_text())["rows"] if args.merge and args.out.exists() else {}
+    if not args.no_engine:
+        rows["engine_cli_tiny"] = engine_cli(work / "tiny.nii.gz", work / "out_tiny", cap)
+        rows["engine_cli"] = engine_cli(work / "mr.nii.gz", work / "out_engine", cap)
+        print("engine_cli", rows["engine_cli"], flush=True)
     for d in args.stock:
         rows[f"stock_{datasets[d]}"] = stock_cli(datasets[d], work / "mr.nii.gz", work, cap)
         print(f"stock_{datasets[d]}", rows[f"stock_{datasets[d]}"], flush=True)
@@ -207,14 +210,17 @@ def main(argv=None) -> int:
         if name.startswith("stock_"):
             row["engine_peak_ratio"] = round(eng["peak_pss_mib"] / row["peak_pss_mib"], 3)
             row["engine_time_ratio"] = round(eng["wall_s"] / row["wall_s"], 3)
-    labels = np.asarray(nib.load(work / "out_engine" / "mr_seg.nii.gz").dataobj)
+    seg_file = work / "out_engine" / "mr_seg.nii.gz"
+    earlier = json.loads(args.out.read_text()) if args.merge and args.out.exists() else {}
+    found = (len(np.unique(np.asarray(nib.load(seg_file).dataobj))) - 1 if seg_file.exists()
+             else earlier.get("engine_structures"))
     result = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / GIB:.0f} GiB, "
                    f"load average {os.getloadavg()[0]:.1f} at the end",
         "command": "python bench/memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "shape": shape, "spacing_mm": [round(float(s), 4) for s in img.header.get_zooms()[:3]],
-        "engine_structures": int(len(np.unique(labels)) - 1),
+        "engine_structures": found,
         "estimate_all_four_mib": estimate_for(img),
         "rows": rows,
     }

@@ -32,7 +32,7 @@ from .catalogue import FIRST_UNCATALOGUED_ID, LabelCatalogue, Structure, expand_
 from .errors import InputError, WeightsError
 from .imageio import load_image
 from .orientation import reorient_to, voxel_spacing
-from .performance import precision, tune_allocator
+from .performance import network_allocation, precision, tune_allocator
 from .weights import ModelFolder, Weights, load_weights
 
 
@@ -193,9 +193,8 @@ class Segmenter:
                 merged, best = ids, conf
             else:
                 overlaps += _claim(merged, best, ids, conf)
-        if merged is None:  # every model's presence check came back empty
-            merged = np.zeros(data.shape, np.uint8)
-        merged = merged.astype(np.uint8)
+        # no result: every model's presence check came back empty
+        merged = np.zeros(data.shape, np.uint8) if merged is None else merged.astype(np.uint8, copy=False)
         present = set(np.unique(merged).tolist()) - {0}
         by_id = {s.id: s for m in models for s in m.structures.values()}
         return Segmentation(
@@ -287,7 +286,8 @@ class Segmenter:
 
     def _logits(self, m: RegionModel, data, select_tiles=None, wrap_predict=None):
         """nnU-Net's sliding window (see ``nnunet_adapter.predict_logits``) in this engine's precision."""
-        with self._autocast, nnunet.reproducible_cudnn(self.mode == "exact" and self.device.type == "cuda"):
+        with self._autocast, nnunet.reproducible_cudnn(self.mode == "exact" and self.device.type == "cuda"), \
+                network_allocation():
             return nnunet.predict_logits(m.predictor, data, select_tiles, wrap_predict)
 
     def _presence_pass(self, m: RegionModel, data, tiles: _TileOutputs):
