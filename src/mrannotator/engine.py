@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 
+from . import lowmem_export, memory
 from . import nnunet_adapter as nnunet
 from .catalogue import FIRST_UNCATALOGUED_ID, LabelCatalogue, Structure, expand_regions, load_catalogue
 from .errors import InputError, WeightsError
 from .imageio import load_image
 from .orientation import reorient_to, voxel_spacing
-from .performance import precision, tune_allocator
+from .performance import network_allocation, precision, tune_allocator
 from .weights import ModelFolder, Weights, load_weights
 
 
@@ -171,29 +172,29 @@ class Segmenter:
         img = load_image(image)
         models = self._select(regions, structures)
         keep = self._structure_filter(structures)
-
+        memory.check(img.shape, voxel_spacing(img.affine), [memory.profile(m.dataset, m.predictor) for m in models],
+                     probabilities)  # before any work: over the budget -> MemoryBudgetError (HTTP 413, exit 2)
         data = np.asanyarray(img.dataobj)
-        merged = None
-        best = None
-        overlaps = 0
+        merged = best = None
+        overlaps, skipped = 0, []
         probs_out: dict[int, np.ndarray] | None = {} if probabilities else None
-        need_probs = probabilities or len(models) > 1
-        skipped = []
+        # one model at a time, reduced to labels (+ own-class probability for the merge) before the next
+        output = "probabilities" if probabilities else ("confidence" if len(models) > 1 else "labels")
         for m in models:
             arr, aff, reo = reorient_to(data, img.affine, tuple(m.folder.orientation))
-            check = self.skip_absent_regions and len(models) > 1
-            out = self._predict(m, arr, aff, need_probs, check, say)
+            out = self._predict(m, arr, aff, output, self.skip_absent_regions and len(models) > 1, say)
+            del arr
             if out is None:
                 skipped.append(m.dataset)
                 continue
             ids, conf = self._to_input_grid(m, *out, reo, keep, probs_out)
+            del out
             if merged is None:
                 merged, best = ids, conf
             else:
                 overlaps += _claim(merged, best, ids, conf)
-        if merged is None:  # every model's presence check came back empty
-            merged = np.zeros(data.shape, np.uint8)
-        merged = merged.astype(np.uint8)
+        # no result: every model's presence check came back empty
+        merged = np.zeros(data.shape, np.uint8) if merged is None else merged.astype(np.uint8, copy=False)
         present = set(np.unique(merged).tolist()) - {0}
         by_id = {s.id: s for m in models for s in m.structures.values()}
         return Segmentation(
@@ -210,25 +211,20 @@ class Segmenter:
 
     # ---------------------------------------------------------------- internals
     @staticmethod
-    def _to_input_grid(m: RegionModel, seg: np.ndarray, probs: np.ndarray | None, reo, keep: set[int] | None,
-                       probs_out: dict | None) -> tuple[np.ndarray, np.ndarray | None]:
+    def _to_input_grid(m: RegionModel, seg: np.ndarray, conf: np.ndarray | None, probs: np.ndarray | None, reo,
+                       keep: set[int] | None, probs_out: dict | None) -> tuple[np.ndarray, np.ndarray | None]:
         """One model's output back on the input grid (exact permutation/flip) as catalogue ids.
 
         Returns (ids, the probability of each voxel's own label or None); fills ``probs_out`` if given.
         """
-        seg = reo.restore(seg)
-        ids = m.lut()[seg]
+        ids = m.lut()[reo.restore(seg)]
         if keep is not None:
             ids[~np.isin(ids, list(keep))] = 0
-        if probs is None:
-            return ids, None
-        probs = np.stack([reo.restore(p) for p in probs])
-        conf = np.take_along_axis(probs, seg[None].astype(np.intp), 0)[0]
-        if probs_out is not None:
+        if probs_out is not None and probs is not None:
             for v, s in m.structures.items():
                 if keep is None or s.id in keep:
-                    probs_out[s.id] = probs[v]
-        return ids, conf
+                    probs_out[s.id] = reo.restore(probs[v])
+        return ids, (None if conf is None else reo.restore(conf))
 
     def _select(self, regions, structures) -> list[RegionModel]:
         wanted = expand_regions(regions)
@@ -256,9 +252,10 @@ class Segmenter:
             ids.add(s.id)
         return ids
 
-    def _predict(self, m: RegionModel, arr: np.ndarray, affine: np.ndarray, with_probs: bool,
+    def _predict(self, m: RegionModel, arr: np.ndarray, affine: np.ndarray, output: str,
                  presence_check: bool = False, say: Callable[[str], None] = lambda msg: None):
-        """nnU-Net on a volume in the model's orientation: (labels as model values, probabilities or None).
+        """nnU-Net on a volume in the model's orientation: (labels as model values, own-class probability or None,
+        probabilities or None), as ``lowmem_export.convert`` gives them for ``output``.
 
         The steps of ``nnUNetPredictor.predict_single_npy_array``, in the same order with the same
         functions, so labels equal stock nnU-Net's; split up so that the preprocessed volume can serve a
@@ -279,7 +276,8 @@ class Segmenter:
             say(f"{m.dataset}: predicting ({len(m.structures)} structures, {self.mode}"
                 + (f"; {len(tiles.items)} tiles from the coarse pass" if tiles and tiles.items else "") + ")")
             logits = self._logits(m, data, wrap_predict=tiles.replaying if tiles else None)
-        return nnunet.logits_to_labels(m.predictor, logits, props, with_probs)
+        del data
+        return lowmem_export.convert(m.predictor, logits, props, output)
 
     @staticmethod
     def _preprocess(m: RegionModel, arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -288,7 +286,8 @@ class Segmenter:
 
     def _logits(self, m: RegionModel, data, select_tiles=None, wrap_predict=None):
         """nnU-Net's sliding window (see ``nnunet_adapter.predict_logits``) in this engine's precision."""
-        with self._autocast, nnunet.reproducible_cudnn(self.mode == "exact" and self.device.type == "cuda"):
+        with self._autocast, nnunet.reproducible_cudnn(self.mode == "exact" and self.device.type == "cuda"), \
+                network_allocation():
             return nnunet.predict_logits(m.predictor, data, select_tiles, wrap_predict)
 
     def _presence_pass(self, m: RegionModel, data, tiles: _TileOutputs):
