@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mrannotator import nnunet_adapter as nnunet
+from mrannotator import nnunet_training as nnunet_train
 from mrannotator.weights import find_model_folders
 
 PREDICTOR = "nnunetv2.inference.predict_from_raw_data:nnUNetPredictor"
@@ -84,7 +85,7 @@ def test_slim_checkpoint_loads_in_the_predictor(abdomen_model, predictor, tmp_pa
     (folder / "fold_0").mkdir(parents=True)
     for f in ("dataset.json", "plans.json"):
         shutil.copy(abdomen_model.path / f, folder / f)
-    slim = nnunet.slim_checkpoint(ckpt["network_weights"], 0, 1, {"note": "test"})
+    slim = nnunet_train.slim_checkpoint(ckpt["network_weights"], 0, 1, {"note": "test"})
     torch.save(slim, folder / "fold_0" / "checkpoint_final.pth")
     loaded = nnunet.load_predictor(folder, "checkpoint_final.pth", torch.device("cpu"), 0.5)
     assert loaded.trainer_name == nnunet.NO_MIRRORING_TRAINER and loaded.allowed_mirroring_axes is None
@@ -98,13 +99,13 @@ def test_trainer_internals_fine_tuning_relies_on():
     logger = LocalLogger()
     for key in ("train_losses", "val_losses", "dice_per_class_or_region"):
         logger.log(key, 0.5 if key != "dice_per_class_or_region" else [0.5, float("nan")], 0)
-    row = nnunet.epoch_report(type("T", (), {"logger": logger, "current_epoch": 0})())
+    row = nnunet_train.epoch_report(type("T", (), {"logger": logger, "current_epoch": 0})())
     assert row == {"epoch": 1, "train_loss": 0.5, "val_loss": 0.5, "val_dice_per_class": [0.5, None],
                    "val_mean_dice": 0.5}
-    assert nnunet.trainer_plans({"a": 1}) == {"a": 1, "continue_training": False}
+    assert nnunet_train.trainer_plans({"a": 1}) == {"a": 1, "continue_training": False}
     net = torch.nn.Linear(2, 2)
-    assert nnunet.bare_network(torch.compile(net)) is net and nnunet.bare_network(net) is net
-    cls = nnunet.short_schedule_trainer(epochs=2, iterations=3, val_iterations=1, learning_rate=1e-3)
+    assert nnunet_train.bare_network(torch.compile(net)) is net and nnunet_train.bare_network(net) is net
+    cls = nnunet_train.short_schedule_trainer(epochs=2, iterations=3, val_iterations=1, learning_rate=1e-3)
     assert cls.__mro__[1].__name__ == nnunet.NO_MIRRORING_TRAINER
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from . import nnunet_adapter as nnunet
+from . import nnunet_training as nnunet_train
 from .errors import InputError, MRAnnotatorError
 from .imageio import load_image, save_json, whole_labels, write_atomic
 from .nnunet_adapter import CONFIGURATION
@@ -93,7 +93,7 @@ def prepare_dataset(model: ModelFolder, cases: Sequence[Case], catalogue_to_mode
     """Raw dataset (model orientation, model label values) and nnU-Net preprocessing with the model's plans.
 
     Returns the preprocessed dataset folder and the case identifiers. Must run inside
-    ``nnunet_adapter.nnunet_folders``.
+    ``nnunet_training.nnunet_folders``.
     """
     plans = json.loads((model.path / "plans.json").read_text())
     dataset_json = json.loads((model.path / "dataset.json").read_text())
@@ -131,7 +131,7 @@ def prepare_dataset(model: ModelFolder, cases: Sequence[Case], catalogue_to_mode
     else:  # the trainer copies it next to its output; preprocessing itself reads the plans only
         save_json({}, pre / "dataset_fingerprint.json")
 
-    nnunet.preprocess_training_cases(plans, dataset_json, raw, pre, names)
+    nnunet_train.preprocess_training_cases(plans, dataset_json, raw, pre, names)
     return pre, names
 
 
@@ -181,9 +181,9 @@ def finetune(
             on_epoch(row)
 
     try:
-        with nnunet.nnunet_folders(work):
+        with nnunet_train.nnunet_folders(work):
             pre, names = prepare_dataset(model, cases, catalogue_to_model, work)
-            cls = nnunet.short_schedule_trainer(epochs, iterations, val_iterations, learning_rate, report)
+            cls = nnunet_train.short_schedule_trainer(epochs, iterations, val_iterations, learning_rate, report)
             _seed(seed)
             weights, dev = _train(cls, model, pre, device)
         checkpoint = export_checkpoint(model, weights, dest, {
@@ -207,26 +207,26 @@ def _train(trainer_class, model: ModelFolder, pre: Path, device: str) -> tuple[d
     """
     import torch
 
-    plans = nnunet.trainer_plans(json.loads((pre / "nnUNetPlans.json").read_text()))
+    plans = nnunet_train.trainer_plans(json.loads((pre / "nnUNetPlans.json").read_text()))
     dataset_json = json.loads((pre / "dataset.json").read_text())
     dev = torch.device("cuda" if device.startswith("cuda") and torch.cuda.is_available() else "cpu")
     with contextlib.redirect_stdout(io.StringIO()) as log:
         trainer = trainer_class(plans, CONFIGURATION, "all", dataset_json, dev)
         trainer.initialize()
-        nnunet.load_every_weight(trainer, model.checkpoint)
+        nnunet_train.load_every_weight(trainer, model.checkpoint)
         try:
             trainer.run_training()
         except Exception as e:
             raise FinetuneError(f"{model.dataset}: nnU-Net training failed: {type(e).__name__}: {e}\n"
                                 f"{log.getvalue()[-2000:]}") from e
-    return nnunet.network_weights(trainer), dev
+    return nnunet_train.network_weights(trainer), dev
 
 
 def export_checkpoint(model: ModelFolder, network_weights: dict, dest: Path, provenance: dict) -> Path:
     """Write a slim checkpoint and the model's dataset.json/plans.json into ``dest``; the checkpoint last.
 
     The checkpoint names ``nnUNetTrainerNoMirroring`` (identical network and inference), so the
-    predictor needs no custom trainer class to load it (``nnunet_adapter.slim_checkpoint``). Returns the
+    predictor needs no custom trainer class to load it (``nnunet_training.slim_checkpoint``). Returns the
     published checkpoint path.
     """
     import torch
@@ -237,7 +237,7 @@ def export_checkpoint(model: ModelFolder, network_weights: dict, dest: Path, pro
     for f in ("dataset.json", "plans.json"):
         if not (dest / f).is_file():
             shutil.copy2(model.path / f, dest / f)
-    slim = nnunet.slim_checkpoint(network_weights, FOLD, len(provenance.get("epochs", [])), provenance)
+    slim = nnunet_train.slim_checkpoint(network_weights, FOLD, len(provenance.get("epochs", [])), provenance)
     # atomic: a reader sees the old or the new checkpoint, never half of one
     target = write_atomic(fold / CHECKPOINT, lambda tmp: torch.save(slim, tmp))
     read_model_folder(dest)  # the published folder must load like a release
