@@ -12,6 +12,7 @@ serves it. A killed run leaves the previous version current.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -56,7 +57,8 @@ def cmd_finetune(args) -> int:
     cases = labelled_cases(Path(args.images), Path(args.labels))  # bad input fails before models load
     settings = TrainSettings(epochs=args.epochs, iterations=args.iterations, val_iterations=args.val_iterations,
                              learning_rate=args.learning_rate, device=args.device).checked()
-    say = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+    # progress on stderr: nnU-Net's own prints to stdout are silenced while it trains
+    say = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     store = ModelStore(Path(args.out))
     store.clean()  # what a killed earlier run left
     pretrained = load_weights(Path(args.weights) if args.weights else None)
