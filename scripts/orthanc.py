@@ -78,7 +78,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(workdir: Path, http_port: int, dicom_port: int | None, username: str, password: str) -> Path:
+def write_config(workdir: Path, http_port: int, dicom_port: int | None, username: str, password: str,
+                 modalities: dict | None = None) -> Path:
     storage = workdir / "storage"
     storage.mkdir(parents=True, exist_ok=True)
     config = {
@@ -99,7 +100,7 @@ def write_config(workdir: Path, http_port: int, dicom_port: int | None, username
         "DicomCheckCalledAet": True,
         "DicomAlwaysAllowEcho": False,
         "DicomAlwaysAllowStore": False,  # C-STORE only from configured modalities
-        "DicomModalities": {},
+        "DicomModalities": modalities or {},  # name -> [AET, host, port]: who may C-STORE
         "HttpCompressionEnabled": False,
         "StableAge": 2,
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False,
@@ -121,7 +122,7 @@ def _up(server: OrthancServer) -> bool:
 
 
 def start(workdir: str | Path, http_port: int | None = None, dicom_port: int | None = None, dicom: bool = True,
-          username: str = "mrannotator", timeout: float = 60) -> OrthancServer:
+          username: str = "mrannotator", timeout: float = 60, modalities: dict | None = None) -> OrthancServer:
     """Start Orthanc with a config written into ``workdir``; returns when its REST API answers."""
     why = missing()
     if why:
@@ -131,7 +132,7 @@ def start(workdir: str | Path, http_port: int | None = None, dicom_port: int | N
     http_port = http_port or free_port()
     dicom_port = (dicom_port or free_port()) if dicom else None
     password = secrets.token_urlsafe(18)
-    config = write_config(workdir, http_port, dicom_port, username, password)
+    config = write_config(workdir, http_port, dicom_port, username, password, modalities)
     log = open(workdir / "orthanc.log", "ab")
     proc = subprocess.Popen([ORTHANC, str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
                             start_new_session=True)
