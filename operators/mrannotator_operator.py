@@ -9,17 +9,18 @@ reversed-order series are segmented in the right anatomical frame, exactly as th
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 from monai.deploy.operators.dicom_utils import ModelInfo
-from pydicom.uid import generate_uid
 
 from mrannotator import Segmentation, Segmenter, __version__
+from mrannotator.audit import RunAudit
+from mrannotator.dicom.results import audit_weights, checkpoint_digests, model_identity
 
 
 @dataclass
@@ -35,29 +36,19 @@ class SeriesSegmentation:
     model_info: ModelInfo  # filled: creator, name (with the weights), version, Device UID of the weights
 
 
-def model_info_for(segmenter: Segmenter) -> ModelInfo:
-    """IHE AI Results model identity. The Device UID is derived from the checkpoints' SHA-256, so it
-    changes whenever the weights change and is the same for every run with the same weights."""
-    digests = []
-    for m in segmenter.models:
-        h = hashlib.sha256()
-        with open(m.folder.checkpoint, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        digests.append(f"{m.dataset}:{h.hexdigest()}")
-    return ModelInfo(
-        creator="MRAnnotator project",
-        name=f"MRAnnotator nnU-Net v2 ({segmenter.weights.source} weights)",
-        version=__version__,
-        uid=generate_uid(entropy_srcs=digests),
-    )
+def model_info_for(segmenter: Segmenter, digests: dict[str, str] | None = None) -> ModelInfo:
+    """IHE AI Results model identity (the CLI's too: ``mrannotator.dicom.results.model_identity``)."""
+    m = model_identity(segmenter, digests)
+    return ModelInfo(creator=m.creator, name=m.name, version=m.version, uid=m.device_uid)
 
 
 class MRAnnotatorSegmentationOperator(Operator):
     """volume (SeriesVolume) -> segmentation (SeriesSegmentation)."""
 
-    def __init__(self, fragment: Fragment, *args, weights, device: str = "auto", mode: str = "exact", **kwargs):
+    def __init__(self, fragment: Fragment, *args, weights, device: str = "auto", mode: str = "exact",
+                 audit: RunAudit | None = None, **kwargs):
         self.weights = weights
+        self.audit = audit
         self.device = device
         self.mode = mode  # "exact" (labels as stock nnU-Net) or "fast" (bf16 / fp16 autocast)
         self.segmenter: Segmenter | None = None
@@ -74,20 +65,34 @@ class MRAnnotatorSegmentationOperator(Operator):
         log = logging.getLogger(__name__)
         log.info(f"engine: mrannotator {__version__} from {Path(mrannotator.__file__).parent}")
         self.segmenter = Segmenter(weights=self.weights, device=self.device, mode=self.mode)
-        self.model_info = model_info_for(self.segmenter)
+        self.digests = checkpoint_digests(self.segmenter)
+        self.model_info = model_info_for(self.segmenter, self.digests)
         w = self.segmenter.weights
         log.info(f"weights: {w.source} ({w.root}); models: {', '.join(m.dataset for m in self.segmenter.models)}; "
                  f"device {self.segmenter.device}")
 
+    def _audit_model(self, first, load_seconds: float) -> None:
+        if self.audit is None:
+            return
+        self.audit.source(first, self.audit.record["input"].get("path"))
+        info = self.model_info
+        self.audit.model(name=info.name, version=info.version, device_uid=info.uid,
+                         weights=audit_weights(self.segmenter, self.digests))
+        self.audit.timed("load_models", load_seconds)
+
     def compute(self, op_input, op_output, context):
         log = logging.getLogger(__name__)
-        if self.segmenter is None:
-            self._load()
         received = op_input.receive("volume")
         volume, datasets = received.image, received.series.datasets  # slice k of volume = datasets[k]
+        first = datasets[0]
+        t0 = time.perf_counter()
+        if self.segmenter is None:
+            self._load()
+        self._audit_model(first, time.perf_counter() - t0)
         result = self.segmenter.segment(volume, progress=log.info)
         log.info(f"{len(result.structures)} structures found in {result.seconds:.1f} s")
-        first = datasets[0]
+        if self.audit is not None:
+            self.audit.timed("segment", result.seconds)
         op_output.emit(
             SeriesSegmentation(
                 result=result,

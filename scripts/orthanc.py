@@ -78,7 +78,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(workdir: Path, http_port: int, dicom_port: int | None, username: str, password: str) -> Path:
+def write_config(workdir: Path, http_port: int, dicom_port: int | None, username: str, password: str,
+                 modalities: dict | None = None) -> Path:
     storage = workdir / "storage"
     storage.mkdir(parents=True, exist_ok=True)
     config = {
@@ -99,7 +100,7 @@ def write_config(workdir: Path, http_port: int, dicom_port: int | None, username
         "DicomCheckCalledAet": True,
         "DicomAlwaysAllowEcho": False,
         "DicomAlwaysAllowStore": False,  # C-STORE only from configured modalities
-        "DicomModalities": {},
+        "DicomModalities": modalities or {},  # name -> [AET, host, port]: who may C-STORE
         "HttpCompressionEnabled": False,
         "StableAge": 2,
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False,
@@ -122,10 +123,11 @@ def _up(server: OrthancServer) -> bool:
 
 def start(workdir: str | Path, http_port: int | None = None, dicom_port: int | None = None, dicom: bool = True,
           username: str = "mrannotator", timeout: float = 60, password: str | None = None,
-          verbose: bool = False) -> OrthancServer:
+          verbose: bool = False, modalities: dict | None = None) -> OrthancServer:
     """Start Orthanc with a config written into ``workdir``; returns when its REST API answers.
     ``password``: keep a known one (a restart on the same storage); default: a new random one.
-    ``verbose``: Orthanc logs every HTTP request (what reached the PACS, for tests)."""
+    ``verbose``: Orthanc logs every HTTP request (what reached the PACS, for tests).
+    ``modalities``: DICOM nodes allowed to C-STORE here (AE title -> [AET, host, port])."""
     why = missing()
     if why:
         raise RuntimeError(why)
@@ -134,7 +136,7 @@ def start(workdir: str | Path, http_port: int | None = None, dicom_port: int | N
     http_port = http_port or free_port()
     dicom_port = (dicom_port or free_port()) if dicom else None
     password = password or secrets.token_urlsafe(18)
-    config = write_config(workdir, http_port, dicom_port, username, password)
+    config = write_config(workdir, http_port, dicom_port, username, password, modalities)
     log = open(workdir / "orthanc.log", "ab")
     command = [ORTHANC, *(["--verbose"] if verbose else []), str(config)]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,

@@ -13,6 +13,7 @@ import time
 import warnings
 from pathlib import Path
 
+from . import hospital
 from .batch.cli import add_cli as add_batch_cli
 from .catalogue import region_names
 from .errors import MRAnnotatorError
@@ -39,6 +40,7 @@ def cmd_segment(args) -> int:
     image = load_image(src, series_uid=args.series, stack=args.stack,  # bad input fails here, before model loading
                        ignore_instance_gaps=args.ignore_instance_gaps)
     check_output_dir(Path(args.output), case_name(src))
+    prepared = hospital.prepare(args, src)  # DICOM SEG / SR / C-STORE asked for: checked before the models load
     progress(f"read {src}: {image.shape} voxels")
     progress("loading models")
     seg = Segmenter(weights=args.weights, device=args.device, threads=args.threads,
@@ -48,6 +50,8 @@ def cmd_segment(args) -> int:
              f"{', '.join(m.dataset for m in seg.models)}")
     result = seg.segment(image, structures=args.structures, progress=progress)
     seg_path, json_path = write_outputs(result, Path(args.output), case_name(src), str(src))
+    if prepared:
+        hospital.write_and_send(args, src, image, result, seg, prepared, case_name(src), progress)
     if args.preview:
         from .preview import write_preview
 
@@ -134,6 +138,7 @@ def _add_segment(sub) -> None:
                         "structures")
     s.add_argument("--preview", action="store_true", help="also write CASE_preview.png (three slices + labels)")
     s.add_argument("--quiet", action="store_true", help="no progress output")
+    hospital.add_options(s)
     s.set_defaults(func=cmd_segment)
 
 
