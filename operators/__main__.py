@@ -18,7 +18,9 @@ from mrannotator.errors import MRAnnotatorError
 def main() -> int:
     audit, output_dir, code, error = RunAudit(tool="map"), None, 0, None
     try:
-        selected(input_path(sys.argv))  # the CLI's input checks, before the SDK, torch and the models load
+        folder = input_path(sys.argv)
+        audit.record["input"] = {"path": str(folder)}
+        selected(folder)  # the CLI's input checks, before the SDK, torch and the models load
         from app import MRAnnotatorApp
 
         app = MRAnnotatorApp()
