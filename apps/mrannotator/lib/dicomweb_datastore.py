@@ -49,7 +49,7 @@ from mrannotator.catalogue import load_catalogue
 from mrannotator.dicom import find_series, load_series, make_seg
 from mrannotator.dicom.ingest import rule_failed
 from mrannotator.errors import InputError
-from mrannotator.imageio import save_nifti
+from mrannotator.imageio import fsync_path, save_nifti, write_atomic
 from mrannotator.seg_import import SegImportError, labels_from_any_seg
 
 logger = logging.getLogger(__name__)
@@ -209,7 +209,10 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
                 try:
                     for n, ds in enumerate(self._client.retrieve_series(study, image_id)):
                         ds.save_as(tmp / f"{n:05d}.dcm", enforce_file_format=False)
-                    os.replace(tmp, folder)
+                        fsync_path(tmp / f"{n:05d}.dcm")
+                    fsync_path(tmp, directory=True)
+                    os.replace(tmp, folder)  # the whole series or nothing
+                    fsync_path(folder.parent, directory=True)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -231,9 +234,7 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
                         volume = load_series(series)
                     except InputError as e:
                         raise unprocessable(f"series {image_id} cannot be read: {e}") from e
-                    tmp = path.with_name(f".{os.getpid()}-{path.name}")
-                    save_nifti(volume, tmp)
-                    os.replace(tmp, path)
+                    save_nifti(volume, path)  # crash-safe: a temporary file renamed into place
         return str(path)
 
     def get_image(self, image_id: str, params=None):
@@ -255,9 +256,7 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
             instances = self._client.retrieve_series(study, seg_series)
             if len(instances) != 1:
                 raise unprocessable(f"SEG series {seg_series} holds {len(instances)} instances; expected one")
-            tmp = path.with_name(f".{os.getpid()}-{path.name}")
-            instances[0].save_as(tmp, enforce_file_format=False)
-            os.replace(tmp, path)
+            write_atomic(path, lambda tmp: instances[0].save_as(tmp, enforce_file_format=False))
         return pydicom.dcmread(path)
 
     def final_label_path(self, image_id: str) -> str:
@@ -279,9 +278,7 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
         except HTTPException as e:
             raise LabelUnusable(f"label SEG {newest['seg']}: {e.detail}") from e
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{os.getpid()}-{path.name}")
-        save_nifti(labels, tmp)
-        os.replace(tmp, path)
+        save_nifti(labels, path)
         return str(path)
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
@@ -419,9 +416,7 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
         with FileLock(str(self._info_path) + ".lock"):  # train/scoring subprocesses write here too
             data = self._read_info()
             data.setdefault(image_id, {}).update(info)
-            tmp = self._info_path.with_name(f".{os.getpid()}-info.json")
-            tmp.write_text(json.dumps(data, indent=1, default=str))
-            os.replace(tmp, self._info_path)
+            write_atomic(self._info_path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, default=str)))
 
     def datalist(self, full_path=True) -> list[dict[str, Any]]:
         out = []

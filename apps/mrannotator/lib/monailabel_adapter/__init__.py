@@ -48,7 +48,7 @@ import requests
 from fastapi import FastAPI
 from monailabel.config import settings
 
-from . import uploads
+from . import datastore_internals, uploads
 from .auth import _identity_provider_refused, _rbac_checked_by_middleware, from_token, verify_token  # noqa: F401
 from .bind import BindPolicy, apply_bind_policy, start_server_host  # noqa: F401
 from .checks import _invalid_json, precheck  # noqa: F401
@@ -85,6 +85,7 @@ def install(upload_root: Path) -> BindPolicy | None:
     upstream_auth.RBAC.__call__ = _rbac_checked_by_middleware()  # roles: ROUTE_ROLES, checked by ServerGuard
 
     uploads.install(upload_root)
+    datastore_internals.install()  # upload file names are names, not paths
 
     _declare_roles_in_openapi(fastapi_app)
     fastapi_app.add_exception_handler(json.JSONDecodeError, _invalid_json)
