@@ -23,7 +23,8 @@ from fastapi import HTTPException
 from lib.errors import bad_request, conflict, not_found, unprocessable
 from lib.monailabel_adapter.datastore_internals import CrashSafeLocalDatastore
 from mrannotator.errors import InputError
-from mrannotator.imageio import load_image, save_nifti, whole_labels
+from mrannotator.imageio import load_image, save_nifti
+from mrannotator.labels import LabelError, accept_label, check_label_shape
 from mrannotator.limits import Declared, TooLargeError, check_image_file
 
 logger = logging.getLogger(__name__)
@@ -142,40 +143,25 @@ class MRAnnotatorDatastore(CrashSafeLocalDatastore):
     def save_label(self, image_id, label_filename, label_tag, label_info):
         check_name(label_tag, "label tag")
         image_path = self.require_image(image_id)
+        what = f"label for {image_id!r}"
         # headers first: a label bomb or a label of another shape is refused before any voxel is read
-        declared = check_header(label_filename, f"label for {image_id!r}")
+        declared = check_header(label_filename, what)
         try:
-            image_shape = check_image_file(image_path, f"image {image_id!r}").shape[:3]
+            check_label_shape(declared.shape, check_image_file(image_path, f"image {image_id!r}").shape, what)
+            shape, affine = self._image_geometry(image_path)  # read fully once: training must be able to
+        except LabelError as e:
+            raise unprocessable(str(e)) from e
         except InputError as e:
             raise unprocessable(f"image {image_id!r} cannot be read, so no label can be stored for it: {e}") from e
-        if tuple(declared.shape[:3]) != tuple(image_shape) or any(n != 1 for n in declared.shape[3:]):
-            raise unprocessable(f"label for {image_id!r} has shape {declared.shape}; the image has {image_shape}")
-        try:  # read fully once: a label for an image that training cannot read would only fail later
-            shape, affine = self._image_geometry(image_path)
-        except InputError as e:
-            raise unprocessable(f"image {image_id!r} cannot be read, so no label can be stored for it: {e}") from e
-        label = read_volume(label_filename, f"label for {image_id!r}")
-        if label.shape != tuple(shape):
-            raise unprocessable(f"label for {image_id!r} has shape {label.shape}; the image has {tuple(shape)}")
-        if not np.allclose(label.affine, affine, atol=1e-2):
-            raise unprocessable(f"label for {image_id!r} is not on the image's grid (origin, spacing or "
-                                "orientation differ); export it on the image's geometry")
+        label = read_volume(label_filename, what)
         try:
-            data = whole_labels(np.asanyarray(label.dataobj), f"label for {image_id!r}")
+            normalised = accept_label(label, shape, affine, self._allowed_label_ids(), what)
         except InputError as e:
             raise unprocessable(str(e)) from e
-        values = {int(v) for v in np.unique(data)} - {0}
-        unknown = sorted(values - set(self._allowed_label_ids()))
-        if unknown:
-            raise unprocessable(f"label for {image_id!r} has values {unknown[:10]} that are not catalogue ids of "
-                                "the served structures (see /info labels)")
-        if (str(label_filename).lower().endswith((".nii", ".nii.gz")) and data.dtype == np.uint8
+        if (str(label_filename).lower().endswith((".nii", ".nii.gz")) and np.asanyarray(label.dataobj).dtype == np.uint8
                 and np.allclose(label.affine, affine, atol=1e-6)):
             # already as training wants it: stored byte for byte as uploaded
             return self.store_label(image_id, str(label_filename), label_tag, label_info)
-        normalised = nib.Nifti1Image(data.astype(np.uint8), affine)
-        normalised.set_qform(affine, code=1)
-        normalised.set_sform(affine, code=1)
         with tempfile.TemporaryDirectory() as tmp:
             path = save_nifti(normalised, Path(tmp) / f"{image_id}.nii.gz")
             return self.store_label(image_id, str(path), label_tag, label_info)

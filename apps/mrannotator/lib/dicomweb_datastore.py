@@ -50,6 +50,7 @@ from mrannotator.dicom import find_series, load_series, make_seg
 from mrannotator.dicom.ingest import rule_failed
 from mrannotator.errors import InputError
 from mrannotator.imageio import fsync_path, save_nifti, write_atomic
+from mrannotator.labels import accept_label, check_label_ids
 from mrannotator.seg_import import SegImportError, labels_from_any_seg
 
 logger = logging.getLogger(__name__)
@@ -312,29 +313,20 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
         return {}
 
     def _check_ids(self, data: np.ndarray, image_id: str) -> None:
-        values = {int(v) for v in np.unique(data)} - {0}
-        unknown = sorted(values - set(self._allowed_label_ids()))
-        if unknown:
-            raise unprocessable(f"label for {image_id!r} has values {unknown[:10]} that are not catalogue ids of "
-                                "the served structures (see /info labels)")
+        try:
+            check_label_ids(data, self._allowed_label_ids(), f"label for {image_id!r}")
+        except InputError as e:
+            raise unprocessable(str(e)) from e
 
     def checked_label(self, image_id: str, label_filename: str) -> nib.Nifti1Image:
-        """The same checks as the local datastore: readable 3D, the image's grid, catalogue ids."""
+        """The same checks as the local datastore (:func:`mrannotator.labels.accept_label`)."""
         image = nib.load(self.get_image_uri(image_id))
-        label = read_volume(label_filename, f"label for {image_id!r}")
-        if label.shape != image.shape[:3]:
-            raise unprocessable(f"label for {image_id!r} has shape {label.shape}; the image has {image.shape[:3]}")
-        if not np.allclose(label.affine, image.affine, atol=1e-2):
-            raise unprocessable(f"label for {image_id!r} is not on the image's grid (origin, spacing or "
-                                "orientation differ); export it on the image's geometry")
-        data = np.asanyarray(label.dataobj)
-        if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
-            raise unprocessable(f"label for {image_id!r} has fractional values; expected catalogue ids")
-        self._check_ids(data, image_id)
-        out = nib.Nifti1Image(data.astype(np.uint8), image.affine)
-        out.set_qform(image.affine, code=1)
-        out.set_sform(image.affine, code=1)
-        return out
+        what = f"label for {image_id!r}"
+        label = read_volume(label_filename, what)
+        try:
+            return accept_label(label, image.shape[:3], image.affine, self._allowed_label_ids(), what)
+        except InputError as e:
+            raise unprocessable(str(e)) from e
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any],
                    label_id: str = "") -> str:
