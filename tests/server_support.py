@@ -47,11 +47,12 @@ class Server:
 
 def start_server(root: Path, studies: Path, weights: Path, *, host: str | None = "127.0.0.1",
                  conf: dict[str, str] | None = None, env: dict[str, str] | None = None,
-                 ready: Any = None, timeout: float = 240) -> Server:
+                 ready: Any = None, timeout: float = 240, cwd: Path | None = None) -> Server:
     """Start `monailabel start_server` for the MRAnnotator app (demo weights, CPU) and wait until it answers.
 
     ``host=None`` leaves ``--host`` out (MONAI Label's default). ``ready(server)`` returns True once the
-    server answers (default: GET /info/ without a token gives any HTTP status).
+    server answers (default: GET /info/ without a token gives any HTTP status). ``cwd``: the server's
+    working directory (default: the test's).
     """
     port = free_port()
     venv_bin = Path(sys.executable).parent
@@ -69,7 +70,8 @@ def start_server(root: Path, studies: Path, weights: Path, *, host: str | None =
         cmd += ["--conf", key, value]
     log_path = root / "server.log"
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+                            cwd=cwd)
     server = Server(proc=proc, port=port, root=root, log_path=log_path, log=log)
     ready = ready or (lambda s: requests.get(f"{s.url}/info/", timeout=5).status_code > 0)
     deadline = time.time() + timeout

@@ -31,6 +31,7 @@ from lib.monailabel_adapter.internals import app_datastore, check_version, tasks
 from lib.service import CONF_OPTIONS, AppSettings, ModelService
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
 import mrannotator
@@ -112,9 +113,11 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
         image = request.get("image")
         if not isinstance(image, str) or not image:
             raise bad_request(f"image must be a datastore image id, not {type(image).__name__} {image!r}")
+        save_label = False
         if isinstance(ds, (MRAnnotatorDatastore, MRAnnotatorDICOMwebDatastore)):
-            if image in ds.list_images():
-                request = {**request, "image_id": image}
+            if image in ds.list_images():  # resolved here: MONAI Label prefers a file of that name in its cwd
+                save_label = bool(request.get("save_label"))
+                request = {**request, "image_id": image, "image": ds.get_image_uri(image), "save_label": False}
             elif request.get("session") and self._session_image(image):
                 pass
             elif monailabel_adapter.is_request_upload(image):
@@ -123,7 +126,12 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
             else:  # MONAI Label would read any path on the server
                 raise not_found(f"image {image!r} is not in the datastore")
         try:
-            return super().infer(request, datastore)
+            result = super().infer(request, datastore)
+            if save_label and result.get("file") and os.path.exists(result["file"]):  # what MONAI Label would do
+                tag = request.get("label_tag") or DefaultLabelTag.ORIGINAL
+                info = {"model": model, "params": result["params"]}
+                result["label"] = ds.save_label(image, result["file"], tag, info)
+            return result
         except HTTPException:
             raise
         except Exception as e:

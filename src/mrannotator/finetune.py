@@ -38,8 +38,9 @@ import nibabel as nib
 import numpy as np
 
 from . import nnunet_training as nnunet_train
-from .errors import InputError, MRAnnotatorError
-from .imageio import load_image, save_json, whole_labels, write_atomic
+from .errors import MRAnnotatorError
+from .imageio import load_image, save_json, write_atomic
+from .labels import accept_label
 from .nnunet_adapter import CONFIGURATION
 from .orientation import reorient_to
 from .weights import CHECKPOINT, FOLD, ModelFolder, read_model_folder
@@ -106,12 +107,9 @@ def prepare_dataset(model: ModelFolder, cases: Sequence[Case], catalogue_to_mode
     names = []
     for case in cases:
         img = load_image(case.image)
-        lab = load_image(case.labels)
-        if lab.shape != img.shape or not np.allclose(lab.affine, img.affine, atol=1e-3):
-            raise InputError(f"case {case.name}: the label volume {lab.shape} is not on the image grid {img.shape}")
-        data = whole_labels(np.asanyarray(lab.dataobj), f"the label volume of case {case.name}")
-        if data.min() < 0 or data.max() > 255:
-            raise InputError(f"case {case.name}: label values must be catalogue ids 0-255")
+        what = f"the label volume of case {case.name}"
+        lab = accept_label(load_image(case.labels), img.shape[:3], img.affine, what=what)
+        data = np.asanyarray(lab.dataobj)
         axcodes = tuple(model.orientation)
         arr, aff, _ = reorient_to(np.asanyarray(img.dataobj), img.affine, axcodes)
         seg, _, _ = reorient_to(lut[data.astype(np.uint8)], lab.affine, axcodes)

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import tempfile
-import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -20,11 +19,12 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from fastapi import HTTPException
-from monailabel.datastore.local import LocalDatastore
 
-from lib.errors import bad_request, not_found, unprocessable
+from lib.errors import bad_request, conflict, not_found, unprocessable
+from lib.monailabel_adapter.datastore_internals import CrashSafeLocalDatastore
 from mrannotator.errors import InputError
-from mrannotator.imageio import load_image, save_nifti, whole_labels
+from mrannotator.imageio import load_image, save_nifti
+from mrannotator.labels import LabelError, accept_label, check_label_shape
 from mrannotator.limits import Declared, TooLargeError, check_image_file
 
 logger = logging.getLogger(__name__)
@@ -75,19 +75,18 @@ def read_volume(path: str | Path, what: str) -> nib.Nifti1Image:
         raise unprocessable(f"{what}: {e}") from e
 
 
-class MRAnnotatorDatastore(LocalDatastore):
+class MRAnnotatorDatastore(CrashSafeLocalDatastore):
     """Thread-safe: requests run in worker threads (lib/monailabel_adapter/concurrency.py); LocalDatastore mutates
-    its in-memory index and rewrites datastore.json without a lock of its own for the process."""
+    its in-memory index without a lock of its own for the process. Crash-safe: every write is a temporary
+    file renamed into place, and an unreadable index is rebuilt (lib/monailabel_adapter/datastore_internals.py).
+
+    An image id that has labels is not replaced by an upload unless its params say ``"overwrite": true``
+    (409 otherwise); with it, the image's labels are removed first, so no label pairs with other voxels."""
 
     def __init__(self, *args, allowed_label_ids: Callable[[], Iterable[int]], **kwargs):
         self._allowed_label_ids = allowed_label_ids
-        self._index_lock = threading.RLock()
         self._geometry_cache: dict[tuple, tuple] = {}
         super().__init__(*args, **kwargs)
-
-    def _update_datastore_file(self, lock=True):
-        with self._index_lock:
-            return super()._update_datastore_file(lock)
 
     def refresh(self):
         with self._index_lock:
@@ -119,58 +118,53 @@ class MRAnnotatorDatastore(LocalDatastore):
 
     def require_image(self, image_id: str) -> str:
         """The image's path; 404 for an id the datastore does not hold."""
-        if not isinstance(image_id, str) or image_id not in self._datastore.objects:
+        if not self.has_image(image_id):
             raise not_found(f"image {image_id!r} is not in the datastore")
         return self.get_image_uri(image_id)
 
     def add_image(self, image_id, image_filename, image_info):
-        if image_id:
-            check_name(image_id, "image id")
+        image_id = check_name(image_id or self.id_of(image_filename), "image id")
+        info = dict(image_info or {})
+        overwrite = info.pop("overwrite", False)
+        if not isinstance(overwrite, bool):
+            raise bad_request(f"params overwrite must be true or false, not {overwrite!r}")
         read_volume(image_filename, "uploaded image")
         with self._index_lock:
-            return super().add_image(image_id, image_filename, image_info)
+            tags = self.label_tags(image_id)
+            if tags and not overwrite:
+                raise conflict(f"image {image_id!r} has labels ({', '.join(sorted(tags))}): uploading another image "
+                               "under its id would pair them with other voxels; use a new id, or send params "
+                               '{"overwrite": true} to replace the image and remove its labels')
+            if tags:
+                logger.warning(f"image {image_id!r} replaced on request: its labels {sorted(tags)} are removed")
+                self.remove_labels_of(image_id)
+            return self.store_image(image_id, image_filename, info)
 
     def save_label(self, image_id, label_filename, label_tag, label_info):
         check_name(label_tag, "label tag")
         image_path = self.require_image(image_id)
+        what = f"label for {image_id!r}"
         # headers first: a label bomb or a label of another shape is refused before any voxel is read
-        declared = check_header(label_filename, f"label for {image_id!r}")
+        declared = check_header(label_filename, what)
         try:
-            image_shape = check_image_file(image_path, f"image {image_id!r}").shape[:3]
+            check_label_shape(declared.shape, check_image_file(image_path, f"image {image_id!r}").shape, what)
+            shape, affine = self._image_geometry(image_path)  # read fully once: training must be able to
+        except LabelError as e:
+            raise unprocessable(str(e)) from e
         except InputError as e:
             raise unprocessable(f"image {image_id!r} cannot be read, so no label can be stored for it: {e}") from e
-        if tuple(declared.shape[:3]) != tuple(image_shape) or any(n != 1 for n in declared.shape[3:]):
-            raise unprocessable(f"label for {image_id!r} has shape {declared.shape}; the image has {image_shape}")
-        try:  # read fully once: a label for an image that training cannot read would only fail later
-            shape, affine = self._image_geometry(image_path)
-        except InputError as e:
-            raise unprocessable(f"image {image_id!r} cannot be read, so no label can be stored for it: {e}") from e
-        label = read_volume(label_filename, f"label for {image_id!r}")
-        if label.shape != tuple(shape):
-            raise unprocessable(f"label for {image_id!r} has shape {label.shape}; the image has {tuple(shape)}")
-        if not np.allclose(label.affine, affine, atol=1e-2):
-            raise unprocessable(f"label for {image_id!r} is not on the image's grid (origin, spacing or "
-                                "orientation differ); export it on the image's geometry")
+        label = read_volume(label_filename, what)
         try:
-            data = whole_labels(np.asanyarray(label.dataobj), f"label for {image_id!r}")
+            normalised = accept_label(label, shape, affine, self._allowed_label_ids(), what)
         except InputError as e:
             raise unprocessable(str(e)) from e
-        values = {int(v) for v in np.unique(data)} - {0}
-        unknown = sorted(values - set(self._allowed_label_ids()))
-        if unknown:
-            raise unprocessable(f"label for {image_id!r} has values {unknown[:10]} that are not catalogue ids of "
-                                "the served structures (see /info labels)")
-        if (str(label_filename).lower().endswith((".nii", ".nii.gz")) and data.dtype == np.uint8
+        if (str(label_filename).lower().endswith((".nii", ".nii.gz")) and np.asanyarray(label.dataobj).dtype == np.uint8
                 and np.allclose(label.affine, affine, atol=1e-6)):
-            with self._index_lock:  # already as training wants it: stored byte for byte as uploaded
-                return super().save_label(image_id, str(label_filename), label_tag, label_info)
-        normalised = nib.Nifti1Image(data.astype(np.uint8), affine)
-        normalised.set_qform(affine, code=1)
-        normalised.set_sform(affine, code=1)
+            # already as training wants it: stored byte for byte as uploaded
+            return self.store_label(image_id, str(label_filename), label_tag, label_info)
         with tempfile.TemporaryDirectory() as tmp:
             path = save_nifti(normalised, Path(tmp) / f"{image_id}.nii.gz")
-            with self._index_lock:
-                return super().save_label(image_id, str(path), label_tag, label_info)
+            return self.store_label(image_id, str(path), label_tag, label_info)
 
     def _image_geometry(self, image_path: str) -> tuple[tuple[int, ...], np.ndarray]:
         """Shape and affine of an image read in full, remembered per file version (mtime, size): the

@@ -50,7 +50,8 @@ from mrannotator.catalogue import load_catalogue
 from mrannotator.dicom import find_series, load_series, make_seg
 from mrannotator.dicom.ingest import rule_failed
 from mrannotator.errors import InputError
-from mrannotator.imageio import save_nifti
+from mrannotator.imageio import fsync_path, save_nifti, write_atomic
+from mrannotator.labels import accept_label, check_label_ids
 from mrannotator.seg_import import SegImportError, labels_from_any_seg
 
 logger = logging.getLogger(__name__)
@@ -236,7 +237,10 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
                 try:
                     for n, ds in enumerate(self._client.retrieve_series(study, image_id)):
                         ds.save_as(tmp / f"{n:05d}.dcm", enforce_file_format=False)
-                    os.replace(tmp, folder)
+                        fsync_path(tmp / f"{n:05d}.dcm")
+                    fsync_path(tmp, directory=True)
+                    os.replace(tmp, folder)  # the whole series or nothing
+                    fsync_path(folder.parent, directory=True)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -258,9 +262,7 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
                         volume = load_series(series)
                     except InputError as e:
                         raise unprocessable(f"series {image_id} cannot be read: {e}") from e
-                    tmp = path.with_name(f".{os.getpid()}-{path.name}")
-                    save_nifti(volume, tmp)
-                    os.replace(tmp, path)
+                    save_nifti(volume, path)  # crash-safe: a temporary file renamed into place
         return str(path)
 
     def get_image(self, image_id: str, params=None):
@@ -283,9 +285,7 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
             instances = self._client.retrieve_series(study, seg_series)
             if len(instances) != 1:
                 raise unprocessable(f"SEG series {seg_series} holds {len(instances)} instances; expected one")
-            tmp = path.with_name(f".{os.getpid()}-{path.name}")
-            instances[0].save_as(tmp, enforce_file_format=False)
-            os.replace(tmp, path)
+            write_atomic(path, lambda tmp: instances[0].save_as(tmp, enforce_file_format=False))
         return pydicom.dcmread(path)
 
     def final_label_path(self, image_id: str) -> str:
@@ -307,9 +307,7 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
         except HTTPException as e:
             raise LabelUnusable(f"label SEG {newest['seg']}: {e.detail}") from e
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{os.getpid()}-{path.name}")
-        save_nifti(labels, tmp)
-        os.replace(tmp, path)
+        save_nifti(labels, path)
         return str(path)
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
@@ -343,29 +341,20 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
         return {}
 
     def _check_ids(self, data: np.ndarray, image_id: str) -> None:
-        values = {int(v) for v in np.unique(data)} - {0}
-        unknown = sorted(values - set(self._allowed_label_ids()))
-        if unknown:
-            raise unprocessable(f"label for {image_id!r} has values {unknown[:10]} that are not catalogue ids of "
-                                "the served structures (see /info labels)")
+        try:
+            check_label_ids(data, self._allowed_label_ids(), f"label for {image_id!r}")
+        except InputError as e:
+            raise unprocessable(str(e)) from e
 
     def checked_label(self, image_id: str, label_filename: str) -> nib.Nifti1Image:
-        """The same checks as the local datastore: readable 3D, the image's grid, catalogue ids."""
+        """The same checks as the local datastore (:func:`mrannotator.labels.accept_label`)."""
         image = nib.load(self.get_image_uri(image_id))
-        label = read_volume(label_filename, f"label for {image_id!r}")
-        if label.shape != image.shape[:3]:
-            raise unprocessable(f"label for {image_id!r} has shape {label.shape}; the image has {image.shape[:3]}")
-        if not np.allclose(label.affine, image.affine, atol=1e-2):
-            raise unprocessable(f"label for {image_id!r} is not on the image's grid (origin, spacing or "
-                                "orientation differ); export it on the image's geometry")
-        data = np.asanyarray(label.dataobj)
-        if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
-            raise unprocessable(f"label for {image_id!r} has fractional values; expected catalogue ids")
-        self._check_ids(data, image_id)
-        out = nib.Nifti1Image(data.astype(np.uint8), image.affine)
-        out.set_qform(image.affine, code=1)
-        out.set_sform(image.affine, code=1)
-        return out
+        what = f"label for {image_id!r}"
+        label = read_volume(label_filename, what)
+        try:
+            return accept_label(label, image.shape[:3], image.affine, self._allowed_label_ids(), what)
+        except InputError as e:
+            raise unprocessable(str(e)) from e
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any],
                    label_id: str = "") -> str:
@@ -450,9 +439,7 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
         with FileLock(str(self._info_path) + ".lock"):  # train/scoring subprocesses write here too
             data = self._read_info()
             data.setdefault(image_id, {}).update(info)
-            tmp = self._info_path.with_name(f".{os.getpid()}-info.json")
-            tmp.write_text(json.dumps(data, indent=1, default=str))
-            os.replace(tmp, self._info_path)
+            write_atomic(self._info_path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, default=str)))
 
     def datalist(self, full_path=True) -> list[dict[str, Any]]:
         out = []

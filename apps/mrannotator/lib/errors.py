@@ -18,3 +18,8 @@ def unprocessable(message: str) -> HTTPException:
 
 def server_error(message: str) -> HTTPException:
     return HTTPException(status_code=500, detail=message)
+
+
+def conflict(message: str) -> HTTPException:
+    """The request would undo what is stored (e.g. replace a labelled image) without being asked to."""
+    return HTTPException(status_code=409, detail=message)

@@ -68,7 +68,7 @@ import requests
 from fastapi import FastAPI
 from monailabel.config import settings
 
-from . import answers, http_limits, origin, params, sessions, uploads
+from . import answers, datastore_internals, http_limits, origin, params, sessions, uploads
 from .auth import _identity_provider_refused, _rbac_checked_by_middleware, from_token, verify_token  # noqa: F401
 from .bind import BindPolicy, _uvicorn_configs, apply_bind_policy, start_server_host  # noqa: F401
 from .checks import _invalid_json, precheck  # noqa: F401
@@ -109,6 +109,7 @@ def install(upload_root: Path) -> BindPolicy | None:
     sessions.install()
     params.install()
     answers.install()
+    datastore_internals.install()  # upload file names are names, not paths
 
     _declare_roles_in_openapi(fastapi_app)
     fastapi_app.add_exception_handler(json.JSONDecodeError, _invalid_json)
