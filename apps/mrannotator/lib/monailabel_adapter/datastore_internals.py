@@ -209,8 +209,8 @@ _CHECKED = "_mrannotator_upload_name_checked"
 
 
 def check_upload_name(filename: str | None) -> None:
-    """An upload's file name is a name, not a path: upstream takes the image id from its base name, so
-    ``studies/a.nii.gz`` or ``../a.nii.gz`` silently replaced image ``a``. 400 instead."""
+    """An image upload's file name, where it gives the image id, is a name, not a path: upstream takes the id
+    from its base name, so ``studies/a.nii.gz`` or ``../a.nii.gz`` silently replaced image ``a``. 400 instead."""
     if not filename:
         return
     if any(c in filename for c in "/\\\0") or filename.startswith(".") or len(filename) > 255:
@@ -231,8 +231,11 @@ def install() -> None:
         signature = inspect.signature(original)
 
         def checked(*args, _original=original, _field=field, _signature=signature, **kwargs):
-            upload = _signature.bind(*args, **kwargs).arguments.get(_field)
-            check_upload_name(getattr(upload, "filename", None))
+            bound = _signature.bind(*args, **kwargs).arguments
+            # only an image upload without image=<id> takes its id from the file name; a label's id is the
+            # image= it is saved for, and clients (monailabel.client, 3D Slicer) send the local path as the name
+            if _field == "file" and not bound.get("image"):
+                check_upload_name(getattr(bound.get(_field), "filename", None))
             return _original(*args, **kwargs)
 
         functools.update_wrapper(checked, original)
