@@ -174,8 +174,10 @@ def test_sigkill_during_label_saves_and_index_rewrites(tmp_path, demo_weights):
                 _drive_until_killed(server, point, rng, expected, phantoms)
         finally:
             stop_server(server)
-    print(f"{len(plan)} kills, {starts} starts (all up), in-flight outcomes {expected.outcomes}, "
-          f"temporary files found after kills {expected.leftovers}, {time.time() - t0:.0f} s")
+    summary = {"seed": SEED, "kills": len(plan), "starts_all_up": starts, "in_flight_outcomes": expected.outcomes,
+               "temporary_files_after_kills": expected.leftovers, "seconds": round(time.time() - t0)}
+    print(summary)
+    (tmp_path / "summary.json").write_text(json.dumps(summary))  # the figures, kept with the test's folder
     assert sum(expected.outcomes.values()) == len(plan)
 
 
