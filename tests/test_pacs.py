@@ -438,3 +438,34 @@ def test_dicomweb_proxy_keeps_query_strings_upstream_drops_them(server, pacs, di
         (settings.MONAI_LABEL_STUDIES, settings.MONAI_LABEL_DICOMWEB_USERNAME,
          settings.MONAI_LABEL_DICOMWEB_PASSWORD) = saved
     assert len(json.loads(response.body)) > 1
+
+
+def test_a_save_reads_the_series_once(pacs, dicom, tmp_path, monkeypatch):
+    """save_label reads each cached file of the series once for its headers (the checks and the SEG's sources
+    share them) and once more for its pixels only while the image is not yet cached as NIfTI."""
+    from lib.dicomweb_datastore import MRAnnotatorDICOMwebDatastore
+    from lib.pacs import guarded_client
+
+    catalogue_ids = {s.id for s in load_catalogue()}
+    store = MRAnnotatorDICOMwebDatastore(guarded_client(pacs.dicomweb_url, pacs.username, pacs.password),
+                                         tmp_path / "cache", lambda: catalogue_ids)
+    entry = dicom["mr_b"]
+    nib.save(entry["labels"], tmp_path / "label.nii.gz")
+    store.get_image_info(entry["uid"])  # the listing read before counting
+    reads: dict[str, int] = {}
+    dcmread = pydicom.dcmread
+
+    def counting(path, *args, **kwargs):
+        if str(store._series_dir(entry["uid"])) in str(path):
+            reads[Path(path).name] = reads.get(Path(path).name, 0) + 1
+        return dcmread(path, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    before = set(orthanc_support.seg_series(pacs, entry["uid"]))
+    store.save_label(entry["uid"], str(tmp_path / "label.nii.gz"), "draft", {})  # fetch, NIfTI, SEG
+    n_files = len(entry["datasets"])
+    assert len(reads) == n_files and set(reads.values()) == {2}, reads  # headers once, pixels once
+    reads.clear()
+    store.save_label(entry["uid"], str(tmp_path / "label.nii.gz"), "draft", {})  # image cached now
+    assert len(reads) == n_files and set(reads.values()) == {1}, reads  # headers only, once
+    assert len(set(orthanc_support.seg_series(pacs, entry["uid"])) - before) == 2  # both SEGs reached the PACS

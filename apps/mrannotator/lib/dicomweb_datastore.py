@@ -46,7 +46,7 @@ from lib.dicomweb_listing import LISTING_TTL_S, MR, PacsListing, series_problem
 from lib.errors import bad_request, unprocessable
 from lib.pacs import PacsUnavailable, guarded_client
 from mrannotator.catalogue import load_catalogue
-from mrannotator.dicom import find_series, load_series, make_seg
+from mrannotator.dicom import Series, find_series, load_series, make_seg
 from mrannotator.errors import InputError
 from mrannotator.imageio import fsync_path, save_nifti, write_atomic
 from mrannotator.labels import accept_label, check_label_ids
@@ -103,8 +103,9 @@ class MRAnnotatorDICOMwebDatastore(PacsListing, SeriesInfo, DICOMWebDatastore):
     def _series_dir(self, image_id: str) -> Path:
         return self._root / "series" / image_id
 
-    def _cached_series(self, image_id: str):
-        """The cached series (fetched once), read by the project's DICOM ingestion: sorted, checked."""
+    def _cached_series(self, image_id: str) -> Series:
+        """The cached series (fetched once), read by the project's DICOM ingestion: sorted, checked (its
+        headers, no pixels: a save passes this one Series along instead of reading the series again)."""
         study = self.require_image(image_id)
         folder = self._series_dir(image_id)
         with self._lock:
@@ -129,10 +130,11 @@ class MRAnnotatorDICOMwebDatastore(PacsListing, SeriesInfo, DICOMWebDatastore):
         """The series' instances (with pixel data), in slice order."""
         return [pydicom.dcmread(p) for p in self._cached_series(image_id).files]
 
-    def get_image_uri(self, image_id: str) -> str:
+    def get_image_uri(self, image_id: str, series: Series | None = None) -> str:
+        """The series' image as NIfTI in the cache, written on first use (``series``: already read)."""
         path = self._root / "images" / f"{image_id}.nii.gz"
         if not path.is_file():
-            series = self._cached_series(image_id)
+            series = series or self._cached_series(image_id)
             with self._lock:
                 if not path.is_file():
                     try:
@@ -223,9 +225,9 @@ class MRAnnotatorDICOMwebDatastore(PacsListing, SeriesInfo, DICOMWebDatastore):
         except InputError as e:
             raise unprocessable(str(e)) from e
 
-    def checked_label(self, image_id: str, label_filename: str) -> nib.Nifti1Image:
+    def checked_label(self, image_id: str, label_filename: str, series: Series | None = None) -> nib.Nifti1Image:
         """The same checks as the local datastore (:func:`mrannotator.labels.accept_label`)."""
-        image = nib.load(self.get_image_uri(image_id))
+        image = nib.load(self.get_image_uri(image_id, series))
         what = f"label for {image_id!r}"
         label = read_volume(label_filename, what)
         try:
@@ -238,7 +240,8 @@ class MRAnnotatorDICOMwebDatastore(PacsListing, SeriesInfo, DICOMWebDatastore):
         check_name(label_tag, "label tag")
         self.require_image(image_id)
         self._client.search_for_studies(limit=1, fields=["0020000D"])  # PACS down: 503 before the SEG's work
-        label = self.checked_label(image_id, label_filename)
+        series = self._cached_series(image_id)  # read once: the image check and the SEG's sources use it
+        label = self.checked_label(image_id, label_filename, series)
         final = label_tag == DefaultLabelTag.FINAL
         if not final:  # an infer result (or a draft): kept in the cache for this tag
             path = self._root / "labels" / label_tag / f"{image_id}.nii.gz"
@@ -248,15 +251,17 @@ class MRAnnotatorDICOMwebDatastore(PacsListing, SeriesInfo, DICOMWebDatastore):
             if final:
                 raise unprocessable(f"label for {image_id!r} is empty: there is nothing to store as a DICOM SEG")
             return image_id
-        seg_uid = self.store_seg(image_id, label, final, label_info or {})
+        seg_uid = self.store_seg(image_id, label, final, label_info or {}, series)
         logger.info(f"stored SEG {seg_uid} ({label_tag}) for series {image_id} in {self.name()}")
         return image_id
 
-    def store_seg(self, image_id: str, label: nib.Nifti1Image, annotated: bool, info: dict[str, Any]) -> str:
+    def store_seg(self, image_id: str, label: nib.Nifti1Image, annotated: bool, info: dict[str, Any],
+                  series: Series | None = None) -> str:
         """Write the label as the project's DICOM SEG and STOW it; returns the SEG's SeriesInstanceUID.
 
         ``annotated``: an annotator's label (SEMIAUTOMATIC, it becomes the series' final label), else
-        a model result (AUTOMATIC, kept in the PACS for viewing but never taken as a label).
+        a model result (AUTOMATIC, kept in the PACS for viewing but never taken as a label). ``series``:
+        the cached series as :meth:`_cached_series` read it (its headers, in slice order, are the sources).
         """
         from mrannotator.catalogue import FIRST_UNCATALOGUED_ID
 
@@ -264,9 +269,9 @@ class MRAnnotatorDICOMwebDatastore(PacsListing, SeriesInfo, DICOMWebDatastore):
         params = info.get("params") or {}
         weights = params.get("weights") or {"source": "annotator" if annotated else "model"}
         structures = [s for s in catalogue if s.id < FIRST_UNCATALOGUED_ID]
-        datasets = self.source_datasets(image_id)
+        series = series or self._cached_series(image_id)
         try:
-            seg = make_seg(label, structures, datasets, weights=weights)
+            seg = make_seg(label, structures, series.datasets, weights=weights, source_affine=series.affine)
         except (ValueError, InputError) as e:
             raise unprocessable(f"label for {image_id!r} cannot be written as a DICOM SEG: {e}") from e
         if annotated:
