@@ -9,7 +9,7 @@ with a 500. This one keeps MONAI Label's interface (it is a ``DICOMWebDatastore`
   code into ``CACHE/images/<SeriesInstanceUID>.nii.gz``;
 - labels: a series is labelled when the PACS holds a SEG for it that is not a bare model result
   (all segments AUTOMATIC). The newest such SEG is its final label (earlier ones stay in the PACS);
-  it is read into catalogue ids by code + laterality (:mod:`mrannotator.seg_import`), so training,
+  it is read into catalogue ids by code + laterality (:mod:`mrannotator.dicom.seg_read`), so training,
   scoring and strategies see NIfTI in catalogue ids;
 - ``save_label``: the same checks as the local datastore, then a SEG written by the project's SEG
   writer (catalogue codes, laterality, colours, algorithm identification) is STOWed to the PACS:
@@ -46,11 +46,10 @@ from lib.dicomweb_listing import LISTING_TTL_S, MR, PacsListing, series_problem
 from lib.errors import bad_request, unprocessable
 from lib.pacs import PacsUnavailable, guarded_client
 from mrannotator.catalogue import load_catalogue
-from mrannotator.dicom import Series, find_series, load_series, make_seg
+from mrannotator.dicom import SegImportError, Series, find_series, labels_from_seg, load_series, make_seg
 from mrannotator.errors import InputError
 from mrannotator.imageio import fsync_path, save_nifti, write_atomic
 from mrannotator.labels import accept_label, check_label_ids
-from mrannotator.seg_import import SegImportError, labels_from_any_seg
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +177,7 @@ class MRAnnotatorDICOMwebDatastore(PacsListing, SeriesInfo, DICOMWebDatastore):
             return str(path)
         seg = self._seg_dataset(newest["study"], newest["seg"])
         try:
-            labels = labels_from_any_seg(seg, self.source_datasets(image_id))
+            labels = labels_from_seg(seg, self.source_datasets(image_id))
         except SegImportError as e:
             raise LabelUnusable(f"label SEG {newest['seg']} of series {image_id}: {e}") from e
         try:

@@ -1,11 +1,12 @@
-"""Any DICOM SEG of a series -> a label map in catalogue ids on that series' grid.
+"""The one DICOM SEG reader: any SEG of a series -> a label map in catalogue ids on that series' grid.
 
 A SEG from anywhere (ours, OHIF's export, 3D Slicer / dcmqi, highdicom) numbers its segments as it
 likes, so segment numbers mean nothing here. Each segment is matched to a catalogue structure by its
 Segmented Property Type code and laterality modifier (kidney 64033007 + left 7771000 = kidney_left);
 when the code is not one the catalogue holds (OHIF's generic "Tissue", an SRT code, a missing
 modifier), by its Segment Label against the catalogue's names. A segment that matches neither is
-refused with an error naming it: a label is never guessed.
+refused with an error naming it: a label is never guessed. Our own SEGs (:func:`mrannotator.dicom.make_seg`)
+carry catalogue codes and laterality, so they read back by code like any other.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset
 
-from .catalogue import LabelCatalogue, Structure, load_catalogue
-from .dicom import stack_geometry
-from .errors import InputError
+from ..catalogue import LabelCatalogue, Structure, load_catalogue
+from ..errors import InputError
+from .geometry import stack_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,8 @@ def segment_structures(seg: Dataset, catalogue: LabelCatalogue | None = None) ->
     return out
 
 
-def labels_from_any_seg(seg: Dataset, source_datasets: Sequence[Dataset],
-                        catalogue: LabelCatalogue | None = None) -> nib.Nifti1Image:
+def labels_from_seg(seg: Dataset, source_datasets: Sequence[Dataset],
+                    catalogue: LabelCatalogue | None = None) -> nib.Nifti1Image:
     """The SEG as a uint8 label map in catalogue ids on the grid of ``source_datasets``.
 
     Frames are placed by the source instance they reference (highdicom checks the references), so a
