@@ -19,17 +19,17 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import orthanc_support
 import pydicom
 import pytest
 import requests
 import SimpleITK as sitk
-from dicom_fixtures import read_series, write_series
 
 from mrannotator.catalogue import load_catalogue
 from mrannotator.dicom import SegImportError, labels_from_seg, stack_geometry
 from mrannotator.imageio import to_sitk
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing import orthanc_support
+from mrannotator.testing.dicom_fixtures import read_series, write_series
 
 pytestmark = [pytest.mark.timeout(1500),
               pytest.mark.skipif(orthanc_support.missing() is not None, reason=str(orthanc_support.missing()))]
@@ -37,7 +37,6 @@ pytestmark = [pytest.mark.timeout(1500),
 SERIES = ("mr_a", "mr_b", "mr_c")
 TRAIN_PARAMS = {"max_epochs": 1, "iterations": 2, "val_iterations": 1}
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "apps" / "mrannotator"))
 
 
 def _phantom(seed: int, orientation: str):
