@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 
 from mrannotator.dicom import find_series, load_series
+from mrannotator.dicom.geometry import decimal_string
 from mrannotator.errors import InputError
 from mrannotator.imageio import LPS_TO_RAS, load_image
 
@@ -42,17 +43,9 @@ TRANSFER_SYNTAXES = {
 _POST_ENCODED = {uids.RLELossless, uids.JPEGLSLossless, uids.JPEG2000Lossless}  # pydicom's Dataset.compress
 
 
-def _ds(value: float) -> str:
-    """A DICOM Decimal String (at most 16 characters) that keeps as much precision as fits."""
-    for digits in range(10, 0, -1):
-        s = f"{value:.{digits}g}"
-        if len(s) <= 16:
-            return "0" if s in ("-0", "0") else s
-    raise ValueError(f"{value} does not fit a DICOM DS")
-
-
 def _round(v: float) -> float:
-    return float(_ds(v))
+    """``v`` as written in a DS: 10 significant digits at most, as scanners write (the product's DS writer)."""
+    return float(decimal_string(v, max_digits=10))
 
 
 def _slice_geometry(affine_ras: np.ndarray):
