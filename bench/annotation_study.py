@@ -165,8 +165,7 @@ def evaluate(client, site: Site) -> dict:
 # ------------------------------------------------------------------ server
 def start_study_server(root: Path, site: Site, weights: Path):
     """The real app on 127.0.0.1 serving a copy of the demo abdomen weights (fresh model_dir)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from server_support import start_server
+    from mrannotator.testing.server_support import start_server
 
     served = root / "weights"
     if not served.exists():
@@ -175,7 +174,7 @@ def start_study_server(root: Path, site: Site, weights: Path):
 
 
 def stop_study_server(server) -> None:
-    from server_support import stop_server
+    from mrannotator.testing.server_support import stop_server
 
     stop_server(server)
 

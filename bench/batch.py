@@ -36,7 +36,6 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the DICOM fixture writer
 GENERATORS = ("abdomen", "pelvis", "prostate", "shoulder", "knee", "spine")
 BODY_PART = {"abdomen": "ABDOMEN", "pelvis": "PELVIS", "prostate": "PROSTATE", "shoulder": "SHOULDER",
              "knee": "KNEE", "spine": "SPINE"}
@@ -81,9 +80,9 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
 
 def make_inputs(folder: Path, n: int, generators: tuple[str, ...]) -> tuple[Path, Path]:
     import nibabel as nib
-    from dicom_fixtures import write_series
 
     from mrannotator.phantoms import make_phantom
+    from mrannotator.testing.dicom_fixtures import write_series
 
     nifti, dicom = folder / "nifti", folder / "dicom"
     nifti.mkdir(parents=True)

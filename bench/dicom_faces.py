@@ -25,10 +25,8 @@ import nibabel as nib
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from dicom_fixtures import TRANSFER_SYNTAXES, write_series  # noqa: E402  (the test fixture writer)
-
 from mrannotator.phantoms import make_phantom  # noqa: E402
+from mrannotator.testing.dicom_fixtures import TRANSFER_SYNTAXES, write_series  # noqa: E402  (the test fixture writer)
 
 PLANES = ("sagittal", "coronal", "axial_reversed", "oblique")
 

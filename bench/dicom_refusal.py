@@ -23,11 +23,10 @@ import nibabel as nib
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def refused_inputs(root: Path) -> dict[str, Path]:
-    from dicom_fixtures import write_series
+    from mrannotator.testing.dicom_fixtures import write_series
 
     rng = np.random.default_rng(0)
     image = nib.Nifti1Image(rng.integers(0, 1000, (256, 256, 130)).astype(np.int16), np.diag([1.0, 1.0, 1.2, 1.0]))

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
 
 FULL = ["full_stock_fp32", "full_engine_exact", "full_engine_fp16", "full_engine_bf16"]
 DEMO = ["demo_exact", "demo_fp16", "demo_bf16"]

@@ -160,8 +160,7 @@ def measure(url: str, pid: int, holder: Holder, requests_n: int, interval: float
 
 
 def main(argv=None) -> int:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from server_support import start_server, stop_server
+    from mrannotator.testing.server_support import start_server, stop_server
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sockets", type=int, default=2000)

@@ -56,8 +56,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
-    sys.path.insert(0, str(ROOT / "tests"))
-    from dicom_fixtures import write_series  # the test fixture writer
+    from mrannotator.testing.dicom_fixtures import write_series  # the test fixture writer
 
     work = Path(tempfile.mkdtemp(prefix="map-bench-"))
     write_series(REAL_MR, work / "dicom")

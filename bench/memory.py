@@ -145,8 +145,7 @@ def stock_cli(dataset: str, image: Path, work: Path, cap: int) -> dict:
 def server_infer(image: Path, work: Path, cap: int) -> dict:
     import requests
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from server_support import start_server, stop_server
+    from mrannotator.testing.server_support import start_server, stop_server
 
     studies = work / "studies"
     studies.mkdir(exist_ok=True)

@@ -29,10 +29,9 @@ import numpy as np
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
-import orthanc_support  # noqa: E402
-from dicom_fixtures import read_series, write_series  # noqa: E402
+from mrannotator.testing import orthanc_support  # noqa: E402
+from mrannotator.testing.dicom_fixtures import read_series, write_series  # noqa: E402
 
 
 def _infer(url: str, model: str, image: str) -> float:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,9 +26,7 @@ from mrannotator.catalogue import load_catalogue
 from mrannotator.dicom import make_seg
 from mrannotator.orientation import reorient_to, voxel_spacing
 from mrannotator.phantoms import make_phantom
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from dicom_fixtures import read_series, write_series  # noqa: E402  (the test fixture writer, not product code)
+from mrannotator.testing.dicom_fixtures import read_series, write_series
 
 REGIONS = ("spine", "shoulder", "abdomen", "pelvis", "prostate", "knee")
 IN_PLANE, SLICE, MATRIX = 1.5, 3.0, 320

@@ -9,19 +9,15 @@ often as without skipping); medians of 3 after a warm-up. Prints one JSON line l
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
+from region_skip import median_time
 
 from mrannotator import Segmenter
 from mrannotator.performance import count_network_calls
 from mrannotator.phantoms import in_larger_field_of_view, make_phantom
-
-sys.path.insert(0, str(Path(__file__).parent))
-from region_skip import median_time  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--device", default="cuda")

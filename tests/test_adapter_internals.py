@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import re
 import subprocess
 import sys
@@ -21,11 +22,7 @@ ADAPTER = APP_DIR / "lib" / "monailabel_adapter"
 
 @pytest.fixture(scope="module")
 def internals():
-    sys.path.insert(0, str(APP_DIR))
-    try:
-        return importlib.import_module("lib.monailabel_adapter.internals")
-    finally:
-        sys.path.remove(str(APP_DIR))
+    return importlib.import_module("lib.monailabel_adapter.internals")  # apps/mrannotator: pytest's pythonpath
 
 
 def _resolve(where: str):
@@ -65,12 +62,12 @@ def test_no_file_outside_the_adapter_touches_a_private_monailabel_name(internals
 
 def test_another_monailabel_version_stops_the_app_with_a_clear_message(tmp_path):
     code = (
-        "import sys, monailabel; monailabel.__version__ = '0.9.0'\n"
-        f"sys.path.insert(0, {str(APP_DIR)!r})\n"
+        "import monailabel; monailabel.__version__ = '0.9.0'\n"
         "from main import MRAnnotatorApp\n"
         f"MRAnnotatorApp({str(APP_DIR)!r}, {str(tmp_path)!r}, {{}})\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_DIR), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert r.returncode != 0
     assert "made for MONAI Label 0.8.5, but 0.9.0 is installed" in r.stderr, r.stderr[-2000:]
     assert "Traceback" in r.stderr and "UnsupportedMonaiLabel" in r.stderr

@@ -32,19 +32,18 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from dicom_fixtures import write_series
-from server_support import APP_DIR, start_server, stop_server
 
 from mrannotator.errors import InputError
 from mrannotator.imageio import load_image
 from mrannotator.limits import TooLargeError
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing.dicom_fixtures import write_series
+from mrannotator.testing.server_support import start_server, stop_server
 
 pytestmark = pytest.mark.timeout(900)
 
 
 def _adapter():
-    sys.path.insert(0, str(APP_DIR))
     from lib import monailabel_adapter
 
     return monailabel_adapter

@@ -24,16 +24,16 @@ import pytest
 
 # a local Ray publishes its services on loopback only when this is set before ray is imported
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-import psutil  # noqa: E402
-import pydicom  # noqa: E402
-import ray  # noqa: E402  (required dependency: a missing Ray is an install bug, not a skip)
-from dicom_fixtures import write_series  # noqa: E402
+import psutil
+import pydicom
+import ray
 
-from mrannotator.batch import load_region_keywords, plan_inputs, run_batch  # noqa: E402
-from mrannotator.batch.tables import COHORT_COLUMNS  # noqa: E402
-from mrannotator.cli import main  # noqa: E402
-from mrannotator.dicom import find_series, load_series  # noqa: E402
-from mrannotator.phantoms import make_phantom  # noqa: E402
+from mrannotator.batch import load_region_keywords, plan_inputs, run_batch
+from mrannotator.batch.tables import COHORT_COLUMNS
+from mrannotator.cli import main
+from mrannotator.dicom import find_series, load_series
+from mrannotator.phantoms import make_phantom
+from mrannotator.testing.dicom_fixtures import write_series
 
 pytestmark = pytest.mark.cluster
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from dicom_fixtures import write_series
+
+from mrannotator.testing.dicom_fixtures import write_series
 
 CLI = [sys.executable, "-m", "mrannotator.cli"]
 

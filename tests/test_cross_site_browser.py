@@ -16,9 +16,9 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 import requests
-from server_support import free_port, start_server, stop_server
 
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing.server_support import free_port, start_server, stop_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 

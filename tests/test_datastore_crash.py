@@ -30,9 +30,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-from server_support import start_server, stop_server
 
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing.server_support import start_server, stop_server
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 

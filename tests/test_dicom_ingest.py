@@ -19,13 +19,13 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from dicom_fixtures import TRANSFER_SYNTAXES, write_series
 
 import mrannotator
 from mrannotator.dicom import MIN_SLICES, find_series, load_series, read_dicom
 from mrannotator.errors import InputError
 from mrannotator.imageio import load_image
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing.dicom_fixtures import TRANSFER_SYNTAXES, write_series
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLOSCAN_VARS = ("HOLOSCAN_INPUT_PATH", "HOLOSCAN_OUTPUT_PATH", "HOLOSCAN_MODEL_PATH")

@@ -20,11 +20,11 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from dicom_fixtures import write_series
 
 from mrannotator.dicom import find_series, load_series, make_seg, read_dicom
 from mrannotator.errors import InputError
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing.dicom_fixtures import write_series
 
 pytestmark = pytest.mark.unit
 

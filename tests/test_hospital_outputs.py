@@ -17,17 +17,17 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import orthanc_support
 import pydicom
 import pytest
 import requests
-from dicom_fixtures import read_series, write_series
 from test_map import dciodvfy_errors, model_equipment, phantom, run_app
 
 from mrannotator.dicom.results import free_series_numbers
 from mrannotator.dicom.sr import volumes_from_sr
 from mrannotator.dicom.store import Destination, destination_from_env
 from mrannotator.errors import InputError
+from mrannotator.testing import orthanc_support
+from mrannotator.testing.dicom_fixtures import read_series, write_series
 
 pytestmark = [pytest.mark.pacs, pytest.mark.timeout(1500),
               pytest.mark.skipif(orthanc_support.missing() is not None, reason=str(orthanc_support.missing()))]

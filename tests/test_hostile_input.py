@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import sys
 import tarfile
 import time
 import uuid
@@ -28,9 +27,9 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 import requests
-from server_support import APP_DIR, start_server, stop_server
 
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing.server_support import start_server, stop_server
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 
@@ -39,7 +38,6 @@ GIB = 2**30
 
 
 def _adapter():
-    sys.path.insert(0, str(APP_DIR))
     from lib import monailabel_adapter
 
     return monailabel_adapter
@@ -407,7 +405,7 @@ def test_a_body_growing_past_the_cap_is_refused(monkeypatch):
 # ------------------------------------------------------------------------------------- session owners
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory, demo_weights):
-    from realm_support import CLIENT_ID, Realm
+    from mrannotator.testing.realm_support import CLIENT_ID, Realm
 
     realm = Realm()
     root = tmp_path_factory.mktemp("hostile_auth")

@@ -18,11 +18,11 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from dicom_fixtures import read_series, write_series
 
 from mrannotator.catalogue import load_catalogue
 from mrannotator.dicom import labels_from_seg
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing.dicom_fixtures import read_series, write_series
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "operators"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import nibabel as nib
 import pytest
 import requests
-from server_support import start_server, stop_server
 
 from mrannotator.memory import BUDGET_ENV
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing.server_support import start_server, stop_server
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 

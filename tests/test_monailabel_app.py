@@ -17,10 +17,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from server_support import client_status, start_server, stop_server
 
 from mrannotator.catalogue import load_catalogue
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing.server_support import client_status, start_server, stop_server
 
 pytestmark = pytest.mark.timeout(1200)
 

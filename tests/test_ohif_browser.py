@@ -17,13 +17,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import orthanc_support
 import pydicom
 import pytest
 import requests
-from dicom_fixtures import write_series
 
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing import orthanc_support
+from mrannotator.testing.dicom_fixtures import write_series
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "build" / "test-artifacts" / "ohif"

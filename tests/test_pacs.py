@@ -3,7 +3,7 @@
 One Orthanc and one server for the module. The PACS holds three MR series (abdominal phantoms
 written as DICOM), a CT, an MR localizer and a derived MR series; tests run in file order (labels
 are added as they go; training comes last but one). SEG-in cases (highdicom with other numbering,
-dcmqi's itkimage2segimage, an unknown code) are read with ``mrannotator.seg_import`` directly and
+dcmqi's itkimage2segimage, an unknown code) are read with ``mrannotator.dicom.labels_from_seg`` directly and
 through the server.
 """
 
@@ -19,18 +19,17 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import orthanc_support
 import pydicom
 import pytest
 import requests
 import SimpleITK as sitk
-from dicom_fixtures import read_series, write_series
 
 from mrannotator.catalogue import load_catalogue
-from mrannotator.dicom import stack_geometry
+from mrannotator.dicom import SegImportError, labels_from_seg, stack_geometry
 from mrannotator.imageio import to_sitk
 from mrannotator.phantoms import make_phantom
-from mrannotator.seg_import import SegImportError, labels_from_any_seg
+from mrannotator.testing import orthanc_support
+from mrannotator.testing.dicom_fixtures import read_series, write_series
 
 pytestmark = [pytest.mark.timeout(1500),
               pytest.mark.skipif(orthanc_support.missing() is not None, reason=str(orthanc_support.missing()))]
@@ -38,7 +37,6 @@ pytestmark = [pytest.mark.timeout(1500),
 SERIES = ("mr_a", "mr_b", "mr_c")
 TRAIN_PARAMS = {"max_epochs": 1, "iterations": 2, "val_iterations": 1}
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "apps" / "mrannotator"))
 
 
 def _phantom(seed: int, orientation: str):
@@ -184,7 +182,7 @@ def test_highdicom_seg_with_other_numbering_reads_into_catalogue_ids(dicom):
     structures = _present(entry)
     numbering = list(range(len(structures), 0, -1))  # reversed: segment 1 is the last catalogue id
     seg = _highdicom_seg(entry, structures, numbering)
-    labels = labels_from_any_seg(seg, entry["datasets"])
+    labels = labels_from_seg(seg, entry["datasets"])
     assert np.array_equal(np.asanyarray(labels.dataobj), np.asanyarray(entry["labels"].dataobj))
     assert np.allclose(labels.affine, entry["volume"].affine)
 
@@ -193,7 +191,7 @@ def test_dcmqi_seg_with_catalogue_codes_reads_into_catalogue_ids(dicom, tmp_path
     entry = dicom["mr_a"]
     seg = _dcmqi_seg(entry, _present(entry), tmp_path)
     assert [int(s.SegmentNumber) for s in seg.SegmentSequence] == list(range(1, len(_present(entry)) + 1))
-    labels = labels_from_any_seg(seg, entry["datasets"])
+    labels = labels_from_seg(seg, entry["datasets"])
     assert np.array_equal(np.asanyarray(labels.dataobj), np.asanyarray(entry["labels"].dataobj))
 
 
@@ -205,16 +203,16 @@ def test_seg_labels_without_catalogue_code_fall_back_to_names_and_unknown_ones_a
     tissue = hd.sr.CodedConcept("85756007", "SCT", "Tissue")  # what OHIF gives a segment it drew
     named = _highdicom_seg(entry, structures, [1, 2], code_of={s.name: tissue for s in structures},
                            label_of={s.name: s.name for s in structures})
-    data = np.asanyarray(labels_from_any_seg(named, entry["datasets"]).dataobj)
+    data = np.asanyarray(labels_from_seg(named, entry["datasets"]).dataobj)
     truth = np.asanyarray(entry["labels"].dataobj)
     assert np.array_equal(data, np.where(np.isin(truth, [s.id for s in structures]), truth, 0))
 
     unknown = _highdicom_seg(entry, structures, [1, 2], code_of={structures[1].name: tissue})
     with pytest.raises(SegImportError, match=r"segment 2 'Segment 2' \(Tissue \(SCT:85756007\)\) is not in the "
                                              r"MRAnnotator label catalogue"):
-        labels_from_any_seg(unknown, entry["datasets"])
+        labels_from_seg(unknown, entry["datasets"])
     with pytest.raises(SegImportError, match="not a DICOM SEG"):
-        labels_from_any_seg(entry["datasets"][0], entry["datasets"])
+        labels_from_seg(entry["datasets"][0], entry["datasets"])
 
 
 # ------------------------------------------------------------------------------------- the server on the PACS
@@ -261,7 +259,7 @@ def test_infer_on_a_pacs_series_keeps_the_series_geometry_and_its_saved_result_i
     assert {item.SegmentAlgorithmType for item in seg.SegmentSequence} == {"AUTOMATIC"}
     assert seg.SegmentSequence[0].SegmentAlgorithmName == "MRAnnotator"
     assert not _dciodvfy_errors(seg, tmp_path / "auto.dcm")
-    assert np.array_equal(np.asanyarray(labels_from_any_seg(seg, entry["datasets"]).dataobj),
+    assert np.array_equal(np.asanyarray(labels_from_seg(seg, entry["datasets"]).dataobj),
                           np.asanyarray(result.dataobj))
     time.sleep(3.5)
     assert "final" not in server["client"].datastore()["objects"][entry["uid"]]["labels"]
@@ -322,7 +320,7 @@ def test_save_label_stores_one_catalogue_coded_seg_that_reads_back_voxel_for_vox
     assert not errors, errors
     # read back: from the SEG itself, and through the server (which reads the newest SEG from the PACS)
     truth = np.asanyarray(entry["labels"].dataobj)
-    assert np.array_equal(np.asanyarray(labels_from_any_seg(seg, entry["datasets"]).dataobj), truth)
+    assert np.array_equal(np.asanyarray(labels_from_seg(seg, entry["datasets"]).dataobj), truth)
     assert np.array_equal(_label_from_server(server, entry["uid"]), truth)
     info = server["client"].datastore()["objects"][entry["uid"]]
     assert "final" in info["labels"]
@@ -438,3 +436,34 @@ def test_dicomweb_proxy_keeps_query_strings_upstream_drops_them(server, pacs, di
         (settings.MONAI_LABEL_STUDIES, settings.MONAI_LABEL_DICOMWEB_USERNAME,
          settings.MONAI_LABEL_DICOMWEB_PASSWORD) = saved
     assert len(json.loads(response.body)) > 1
+
+
+def test_a_save_reads_the_series_once(pacs, dicom, tmp_path, monkeypatch):
+    """save_label reads each cached file of the series once for its headers (the checks and the SEG's sources
+    share them) and once more for its pixels only while the image is not yet cached as NIfTI."""
+    from lib.dicomweb_datastore import MRAnnotatorDICOMwebDatastore
+    from lib.pacs import guarded_client
+
+    catalogue_ids = {s.id for s in load_catalogue()}
+    store = MRAnnotatorDICOMwebDatastore(guarded_client(pacs.dicomweb_url, pacs.username, pacs.password),
+                                         tmp_path / "cache", lambda: catalogue_ids)
+    entry = dicom["mr_b"]
+    nib.save(entry["labels"], tmp_path / "label.nii.gz")
+    store.get_image_info(entry["uid"])  # the listing read before counting
+    reads: dict[str, int] = {}
+    dcmread = pydicom.dcmread
+
+    def counting(path, *args, **kwargs):
+        if str(store._series_dir(entry["uid"])) in str(path):
+            reads[Path(path).name] = reads.get(Path(path).name, 0) + 1
+        return dcmread(path, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    before = set(orthanc_support.seg_series(pacs, entry["uid"]))
+    store.save_label(entry["uid"], str(tmp_path / "label.nii.gz"), "draft", {})  # fetch, NIfTI, SEG
+    n_files = len(entry["datasets"])
+    assert len(reads) == n_files and set(reads.values()) == {2}, reads  # headers once, pixels once
+    reads.clear()
+    store.save_label(entry["uid"], str(tmp_path / "label.nii.gz"), "draft", {})  # image cached now
+    assert len(reads) == n_files and set(reads.values()) == {1}, reads  # headers only, once
+    assert len(set(orthanc_support.seg_series(pacs, entry["uid"])) - before) == 2  # both SEGs reached the PACS

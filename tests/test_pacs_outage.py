@@ -15,14 +15,14 @@ import time
 
 import nibabel as nib
 import numpy as np
-import orthanc_support
 import pydicom
 import pytest
 import requests
-from dicom_fixtures import write_series
-from server_support import start_server, stop_server
 
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing import orthanc_support
+from mrannotator.testing.dicom_fixtures import write_series
+from mrannotator.testing.server_support import start_server, stop_server
 
 pytestmark = [pytest.mark.pacs, pytest.mark.timeout(900)]
 

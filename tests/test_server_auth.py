@@ -7,7 +7,6 @@ for a realm: its keys (JWK set and realm URL), the OpenID configuration and a pa
 
 from __future__ import annotations
 
-import sys
 import time
 
 import jwt
@@ -15,16 +14,15 @@ import nibabel as nib
 import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
-from realm_support import CLIENT_ID, ROLES, Realm
-from server_support import APP_DIR, body_of, client_status, start_server, stop_server
 
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing.realm_support import CLIENT_ID, ROLES, Realm
+from mrannotator.testing.server_support import body_of, client_status, start_server, stop_server
 
 pytestmark = pytest.mark.timeout(900)
 
 
 def _adapter():
-    sys.path.insert(0, str(APP_DIR))
     from lib import monailabel_adapter
 
     return monailabel_adapter

@@ -8,15 +8,11 @@ full; accepted infers finish in arrival order; every label reads back byte for b
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import requests
-from server_support import start_server, stop_server
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from server_load import label_jobs, phantom_studies, run_load  # noqa: E402  (bench/ is not a package)
+from mrannotator.testing.server_load import label_jobs, phantom_studies, run_load
+from mrannotator.testing.server_support import start_server, stop_server
 
 pytestmark = pytest.mark.timeout(600)
 

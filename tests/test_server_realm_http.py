@@ -24,10 +24,10 @@ import jwt
 import nibabel as nib
 import pytest
 import requests
-from realm_support import CLIENT_ID, Realm, new_key
-from server_support import APP_DIR, start_server, stop_server
 
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing.realm_support import CLIENT_ID, Realm, new_key
+from mrannotator.testing.server_support import start_server, stop_server
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
 
@@ -150,9 +150,6 @@ def test_id_and_refresh_tokens_are_not_access_tokens(server, realm, typ):
 
 def test_realm_url_public_key_still_read(monkeypatch):
     """A realm that serves no JWK set (the realm URL's public_key form): read in-process."""
-    import sys
-
-    sys.path.insert(0, str(APP_DIR))
     from lib.monailabel_adapter import auth
     from monailabel.config import settings
 
@@ -172,9 +169,6 @@ def test_realm_url_public_key_still_read(monkeypatch):
 
 def test_dropped_key_is_kept_only_for_the_retention_time(monkeypatch):
     """In-process: after a hard rotation the old key verifies tokens for MRANNOTATOR_AUTH_KEY_RETAIN_S only."""
-    import sys
-
-    sys.path.insert(0, str(APP_DIR))
     from lib.monailabel_adapter import auth
     from monailabel.config import settings
 

@@ -6,17 +6,13 @@ The servers that apply them are tested in test_proxy_and_origin.py and test_pacs
 from __future__ import annotations
 
 import socket
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps" / "mrannotator"))
-from lib import pacs  # noqa: E402
-from lib.monailabel_adapter import origin  # noqa: E402
-from lib.monailabel_adapter.dicomweb_proxy import ProxyRefused, dicomweb_resource, forwarded_query  # noqa: E402
+from lib import pacs
+from lib.monailabel_adapter import origin
+from lib.monailabel_adapter.dicomweb_proxy import ProxyRefused, dicomweb_resource, forwarded_query
 
 pytestmark = pytest.mark.unit
 

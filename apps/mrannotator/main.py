@@ -26,6 +26,7 @@ from lib.datastore import MRAnnotatorDatastore, check_name
 from lib.dicomweb_datastore import MRAnnotatorDICOMwebDatastore, dicomweb_datastore
 from lib.errors import bad_request, not_found, server_error
 from lib.monailabel_adapter import ohif as ohif_fixes
+from lib.monailabel_adapter.checks import unknown_task
 from lib.monailabel_adapter.concurrency import RoutePools, offload_blocking_routes
 from lib.monailabel_adapter.internals import app_datastore, check_version, tasks
 from lib.service import CONF_OPTIONS, AppSettings, ModelService
@@ -105,8 +106,8 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
 
     def infer(self, request, datastore=None):
         model = request.get("model")
-        if model not in tasks(self, "infers"):
-            raise not_found(f"model {model!r} is not served here; served models: {', '.join(tasks(self, 'infers'))}")
+        if unknown_task(self, "infers", model):
+            raise not_found(unknown_task(self, "infers", model))
         if request.get("label_tag"):
             check_name(str(request["label_tag"]), "label tag")
         ds = datastore or self.datastore()
@@ -140,9 +141,9 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
 
     def next_sample(self, request):
         strategy = request.get("strategy") or "random"
-        task = tasks(self, "strategies").get(strategy)
-        if task is None:
-            raise not_found(f"strategy {strategy!r} does not exist; choose from {', '.join(tasks(self, 'strategies'))}")
+        if unknown_task(self, "strategies", strategy):
+            raise not_found(unknown_task(self, "strategies", strategy))
+        task = tasks(self, "strategies")[strategy]
         result = task(request, self.datastore())  # no scoring run per hand-out (MONAI Label starts one each time)
         if not result or not result.get("id"):
             return {}
@@ -150,15 +151,13 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
         return result
 
     def scoring(self, request, datastore=None):
-        if request.get("method") not in tasks(self, "scoring_methods"):
-            raise not_found(f"scoring method {request.get('method')!r} does not exist; "
-                            f"choose from {', '.join(tasks(self, 'scoring_methods'))}")
+        if unknown_task(self, "scoring_methods", request.get("method")):
+            raise not_found(unknown_task(self, "scoring_methods", request.get("method")))
         return super().scoring(request, datastore)
 
     def train(self, request):
-        if request.get("model") not in tasks(self, "trainers"):
-            served = ", ".join(tasks(self, "trainers"))
-            raise not_found(f"trainer {request.get('model')!r} does not exist; choose from {served}")
+        if unknown_task(self, "trainers", request.get("model")):
+            raise not_found(unknown_task(self, "trainers", request.get("model")))
         return super().train(request)
 
 

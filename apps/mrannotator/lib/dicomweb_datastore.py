@@ -9,7 +9,7 @@ with a 500. This one keeps MONAI Label's interface (it is a ``DICOMWebDatastore`
   code into ``CACHE/images/<SeriesInstanceUID>.nii.gz``;
 - labels: a series is labelled when the PACS holds a SEG for it that is not a bare model result
   (all segments AUTOMATIC). The newest such SEG is its final label (earlier ones stay in the PACS);
-  it is read into catalogue ids by code + laterality (:mod:`mrannotator.seg_import`), so training,
+  it is read into catalogue ids by code + laterality (:mod:`mrannotator.dicom.seg_read`), so training,
   scoring and strategies see NIfTI in catalogue ids;
 - ``save_label``: the same checks as the local datastore, then a SEG written by the project's SEG
   writer (catalogue codes, laterality, colours, algorithm identification) is STOWed to the PACS:
@@ -20,13 +20,11 @@ with a 500. This one keeps MONAI Label's interface (it is a ``DICOMWebDatastore`
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,6 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from fastapi import HTTPException
-from filelock import FileLock
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
@@ -44,23 +41,19 @@ from monailabel.utils.others.generic import md5_digest
 from pydicom.dataset import Dataset
 
 from lib.datastore import check_name, read_volume
-from lib.errors import bad_request, not_found, unprocessable
+from lib.dicomweb_info import SeriesInfo
+from lib.dicomweb_listing import LISTING_TTL_S, MR, PacsListing, series_problem
+from lib.errors import bad_request, unprocessable
 from lib.pacs import PacsUnavailable, guarded_client
 from mrannotator.catalogue import load_catalogue
-from mrannotator.dicom import find_series, load_series, make_seg
-from mrannotator.dicom.ingest import rule_failed
+from mrannotator.dicom import SegImportError, Series, find_series, labels_from_seg, load_series, make_seg
 from mrannotator.errors import InputError
 from mrannotator.imageio import fsync_path, save_nifti, write_atomic
 from mrannotator.labels import accept_label, check_label_ids
-from mrannotator.seg_import import SegImportError, labels_from_any_seg
 
 logger = logging.getLogger(__name__)
 
-MR, SEG = "MR", "SEG"
-# what the series rules read from each instance (QIDO includefield): ImageType, NumberOfFrames, Rows, Columns
-_RULE_FIELDS = ["00080008", "00280008", "00280010", "00280011"]
-# a series just stored may still be arriving: listings are re-read after this many seconds
-LISTING_TTL_S = 3.0
+__all__ = ["LISTING_TTL_S", "LabelUnusable", "MRAnnotatorDICOMwebDatastore", "dicomweb_datastore", "series_problem"]
 
 
 class LabelUnusable(HTTPException, InputError):
@@ -74,23 +67,10 @@ class LabelUnusable(HTTPException, InputError):
         return str(self.detail)
 
 
-def series_problem(series: Dataset, instances: list[Dataset]) -> str | None:
-    """Why a PACS series is not an MR volume to segment, or None: the project's series rules
-    (:func:`mrannotator.dicom.ingest.rule_failed`, as for a DICOM folder) on its QIDO attributes."""
-    if not instances:
-        return "no instances"
-    for ds in instances:  # series-level attributes the rules read, on every instance as in a file
-        for keyword in ("Modality", "SeriesDescription"):
-            if keyword in series and keyword not in ds:
-                setattr(ds, keyword, series.get(keyword))
-    return rule_failed(instances)
+class MRAnnotatorDICOMwebDatastore(PacsListing, SeriesInfo, DICOMWebDatastore):
+    """The DICOMweb datastore: listing in :class:`PacsListing`, image info in :class:`SeriesInfo`, here the
+    cache of series and images and the labels (read from SEGs, saved as SEGs)."""
 
-
-def _dt(ds: Dataset, date: str, time_: str) -> str:
-    return f"{ds.get(date, '') or ''}{ds.get(time_, '') or ''}"
-
-
-class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
     def __init__(self, client, cache_path: str | Path, allowed_label_ids: Callable[[], Iterable[int]],
                  listing_ttl_s: float = LISTING_TTL_S):
         self._client = client
@@ -118,116 +98,13 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
     def description(self) -> str:
         return f"DICOMweb {self._client.base_url} (MR series; labels are DICOM SEGs)"
 
-    # ------------------------------------------------------------ listing
-    def _series(self) -> dict[str, dict]:
-        """Listed series uid -> QIDO attributes (study uid, description), re-read after the TTL; while
-        the PACS is down, the last listing (empty before the first), retried after the TTL."""
-        with self._lock:
-            if self._listing and time.time() - self._listing[0] < self._listing_ttl_s:
-                return self._listing[1]
-            try:
-                return self._read_series()
-            except PacsUnavailable:
-                self._listing = (time.time(), self._listing[1] if self._listing else {})
-                return self._listing[1]
-
-    def _read_series(self) -> dict[str, dict]:
-        with self._lock:
-            found = {}
-            for js in self._client.search_for_series(search_filters={"Modality": MR}):
-                ds = Dataset.from_json(js)
-                uid = str(ds.SeriesInstanceUID)
-                if uid not in self._verdicts:
-                    instances = [Dataset.from_json(i) for i in self._client.search_for_instances(
-                        str(ds.StudyInstanceUID), uid, fields=_RULE_FIELDS)]
-                    self._verdicts[uid] = series_problem(ds, instances)
-                    if self._verdicts[uid]:
-                        logger.info(f"not listing MR series {uid}: {self._verdicts[uid]}")
-                if self._verdicts[uid] is None:
-                    found[uid] = {"StudyInstanceUID": str(ds.StudyInstanceUID),
-                                  "SeriesDescription": str(ds.get("SeriesDescription", "") or ""),
-                                  "PatientID": str(ds.get("PatientID", "") or ""), "Modality": MR}
-            self._listing = (time.time(), found)
-            return found
-
-    def _pacs_down(self) -> str | None:
-        health = getattr(self._client, "health", None)
-        return health.down if health is not None else None
-
-    def list_images(self) -> list[str]:
-        return sorted(self._series())
-
-    def require_image(self, image_id: str) -> str:
-        """The series' study uid; 404 for an id that is not a listed series."""
-        series = self._series()
-        if not isinstance(image_id, str) or image_id not in series:
-            if self._pacs_down():  # the listing is stale or empty: the PACS is to blame, not the id
-                raise PacsUnavailable(self._pacs_down())
-            raise not_found(f"image {image_id!r} is not an MR series in {self.name()}")
-        return series[image_id]["StudyInstanceUID"]
-
-    def _segs(self) -> dict[str, list[dict]]:
-        """Listed image uid -> its label SEGs, newest first (SEGs that are bare model results left out)."""
-        with self._lock:
-            if self._seg_listing and time.time() - self._seg_listing[0] < self._listing_ttl_s:
-                return self._seg_listing[1]
-            images = self._series()
-            try:
-                return self._read_segs(images)
-            except PacsUnavailable:
-                if self._seg_listing is None and images:  # labels never read: not guessed
-                    raise
-                self._seg_listing = (time.time(), self._seg_listing[1] if self._seg_listing else {})
-                return self._seg_listing[1]
-
-    def _read_segs(self, images: dict[str, dict]) -> dict[str, list[dict]]:
-        with self._lock:
-            by_image: dict[str, list[dict]] = {}
-            for js in self._client.search_for_series(search_filters={"Modality": SEG}):
-                ds = Dataset.from_json(js)
-                uid = str(ds.SeriesInstanceUID)
-                if uid not in self._seg_refs:
-                    self._seg_refs[uid] = self._describe_seg(str(ds.StudyInstanceUID), uid)
-                ref = self._seg_refs[uid]
-                if ref["image"] in images and not ref["automatic"]:
-                    by_image.setdefault(ref["image"], []).append({"seg": uid, **ref})
-            for segs in by_image.values():
-                segs.sort(key=lambda r: (r["when"], r["seg"]), reverse=True)
-            self._seg_listing = (time.time(), by_image)
-            return by_image
-
-    def _describe_seg(self, study: str, seg_series: str) -> dict:
-        meta = Dataset.from_json(self._client.retrieve_series_metadata(study, seg_series)[0])
-        refs = meta.get("ReferencedSeriesSequence") or []
-        segments = meta.get("SegmentSequence") or []
-        return {
-            "study": study,
-            "image": str(refs[0].SeriesInstanceUID) if refs else "",
-            "automatic": bool(segments) and all(str(s.get("SegmentAlgorithmType", "")) == "AUTOMATIC"
-                                                for s in segments),
-            "when": _dt(meta, "ContentDate", "ContentTime") or _dt(meta, "SeriesDate", "SeriesTime"),
-            "creator": str(meta.get("ContentCreatorName", "") or ""),
-            "description": str(meta.get("SeriesDescription", "") or ""),
-        }
-
-    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
-        return sorted(self._segs())
-
-    def get_unlabeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
-        labelled = set(self._segs())
-        return [s for s in self.list_images() if s not in labelled]
-
-    def label_segs(self, image_id: str) -> list[dict]:
-        """Every label SEG of a series, newest (the final label) first."""
-        self.require_image(image_id)
-        return list(self._segs().get(image_id, []))
-
     # ------------------------------------------------------------ images
     def _series_dir(self, image_id: str) -> Path:
         return self._root / "series" / image_id
 
-    def _cached_series(self, image_id: str):
-        """The cached series (fetched once), read by the project's DICOM ingestion: sorted, checked."""
+    def _cached_series(self, image_id: str) -> Series:
+        """The cached series (fetched once), read by the project's DICOM ingestion: sorted, checked (its
+        headers, no pixels: a save passes this one Series along instead of reading the series again)."""
         study = self.require_image(image_id)
         folder = self._series_dir(image_id)
         with self._lock:
@@ -252,10 +129,11 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
         """The series' instances (with pixel data), in slice order."""
         return [pydicom.dcmread(p) for p in self._cached_series(image_id).files]
 
-    def get_image_uri(self, image_id: str) -> str:
+    def get_image_uri(self, image_id: str, series: Series | None = None) -> str:
+        """The series' image as NIfTI in the cache, written on first use (``series``: already read)."""
         path = self._root / "images" / f"{image_id}.nii.gz"
         if not path.is_file():
-            series = self._cached_series(image_id)
+            series = series or self._cached_series(image_id)
             with self._lock:
                 if not path.is_file():
                     try:
@@ -299,7 +177,7 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
             return str(path)
         seg = self._seg_dataset(newest["study"], newest["seg"])
         try:
-            labels = labels_from_any_seg(seg, self.source_datasets(image_id))
+            labels = labels_from_seg(seg, self.source_datasets(image_id))
         except SegImportError as e:
             raise LabelUnusable(f"label SEG {newest['seg']} of series {image_id}: {e}") from e
         try:
@@ -346,9 +224,9 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
         except InputError as e:
             raise unprocessable(str(e)) from e
 
-    def checked_label(self, image_id: str, label_filename: str) -> nib.Nifti1Image:
+    def checked_label(self, image_id: str, label_filename: str, series: Series | None = None) -> nib.Nifti1Image:
         """The same checks as the local datastore (:func:`mrannotator.labels.accept_label`)."""
-        image = nib.load(self.get_image_uri(image_id))
+        image = nib.load(self.get_image_uri(image_id, series))
         what = f"label for {image_id!r}"
         label = read_volume(label_filename, what)
         try:
@@ -361,7 +239,8 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
         check_name(label_tag, "label tag")
         self.require_image(image_id)
         self._client.search_for_studies(limit=1, fields=["0020000D"])  # PACS down: 503 before the SEG's work
-        label = self.checked_label(image_id, label_filename)
+        series = self._cached_series(image_id)  # read once: the image check and the SEG's sources use it
+        label = self.checked_label(image_id, label_filename, series)
         final = label_tag == DefaultLabelTag.FINAL
         if not final:  # an infer result (or a draft): kept in the cache for this tag
             path = self._root / "labels" / label_tag / f"{image_id}.nii.gz"
@@ -371,15 +250,17 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
             if final:
                 raise unprocessable(f"label for {image_id!r} is empty: there is nothing to store as a DICOM SEG")
             return image_id
-        seg_uid = self.store_seg(image_id, label, final, label_info or {})
+        seg_uid = self.store_seg(image_id, label, final, label_info or {}, series)
         logger.info(f"stored SEG {seg_uid} ({label_tag}) for series {image_id} in {self.name()}")
         return image_id
 
-    def store_seg(self, image_id: str, label: nib.Nifti1Image, annotated: bool, info: dict[str, Any]) -> str:
+    def store_seg(self, image_id: str, label: nib.Nifti1Image, annotated: bool, info: dict[str, Any],
+                  series: Series | None = None) -> str:
         """Write the label as the project's DICOM SEG and STOW it; returns the SEG's SeriesInstanceUID.
 
         ``annotated``: an annotator's label (SEMIAUTOMATIC, it becomes the series' final label), else
-        a model result (AUTOMATIC, kept in the PACS for viewing but never taken as a label).
+        a model result (AUTOMATIC, kept in the PACS for viewing but never taken as a label). ``series``:
+        the cached series as :meth:`_cached_series` read it (its headers, in slice order, are the sources).
         """
         from mrannotator.catalogue import FIRST_UNCATALOGUED_ID
 
@@ -387,9 +268,9 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
         params = info.get("params") or {}
         weights = params.get("weights") or {"source": "annotator" if annotated else "model"}
         structures = [s for s in catalogue if s.id < FIRST_UNCATALOGUED_ID]
-        datasets = self.source_datasets(image_id)
+        series = series or self._cached_series(image_id)
         try:
-            seg = make_seg(label, structures, datasets, weights=weights)
+            seg = make_seg(label, structures, series.datasets, weights=weights, source_affine=series.affine)
         except (ValueError, InputError) as e:
             raise unprocessable(f"label for {image_id!r} cannot be written as a DICOM SEG: {e}") from e
         if annotated:
@@ -417,55 +298,6 @@ class MRAnnotatorDICOMwebDatastore(DICOMWebDatastore):
         if path.is_file():
             path.unlink()
 
-    # ------------------------------------------------------------ info, listing, training data
-    def _read_info(self) -> dict:
-        try:
-            return json.loads(self._info_path.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def get_image_info(self, image_id: str) -> dict[str, Any]:
-        series = self._series()
-        if image_id not in series:
-            return {}
-        info = {**series[image_id], "SeriesInstanceUID": image_id, **self._read_info().get(image_id, {})}
-        cached = self._root / "images" / f"{image_id}.nii.gz"
-        if cached.is_file():
-            info["path"] = str(cached)
-        return info
-
-    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
-        self.require_image(image_id)  # any listed series, fetched or not
-        with FileLock(str(self._info_path) + ".lock"):  # train/scoring subprocesses write here too
-            data = self._read_info()
-            data.setdefault(image_id, {}).update(info)
-            write_atomic(self._info_path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, default=str)))
-
-    def datalist(self, full_path=True) -> list[dict[str, Any]]:
-        out = []
-        for image_id in self.get_labeled_images():
-            try:
-                out.append({"image": self.get_image_uri(image_id), "label": self.final_label_path(image_id)})
-            except Exception as e:  # one unreadable SEG must not stop training on the others
-                logger.error(f"not training on {image_id}: {getattr(e, 'detail', e)}")
-        return out
-
-    def status(self) -> dict[str, Any]:
-        total = len(self.list_images())
-        if self._pacs_down():  # /info/ still answers: the last listing and why the PACS is not used
-            return {"total": total, "completed": len(self._seg_listing[1] if self._seg_listing else {}),
-                    "pacs": self._pacs_down()}
-        return {"total": total, "completed": len(self.get_labeled_images()),
-                "label_tags": {DefaultLabelTag.FINAL: len(self.get_labeled_images())}}
-
-    def json(self):
-        objects = {}
-        for image_id in self.list_images():
-            labels = {}
-            for tag in self.get_labels_by_image_id(image_id):
-                labels[tag] = {"info": self.get_label_info(image_id, tag)}
-            objects[image_id] = {"image": {"info": self.get_image_info(image_id)}, "labels": labels}
-        return {"name": self.name(), "description": self.description(), "objects": objects}
 
 
 def dicomweb_datastore(url: str, allowed_label_ids: Callable[[], Iterable[int]]) -> MRAnnotatorDICOMwebDatastore:

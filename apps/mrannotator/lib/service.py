@@ -44,17 +44,22 @@ CONF_OPTIONS = {
 }
 
 
-def _int(conf: dict, key: str, default: int | None, minimum: int = 1) -> int | None:
+def _number(conf: dict, key: str, default, parse, what: str, valid, rule: str):
+    """``--conf key`` parsed with ``parse`` (``default`` when unset); ValueError naming the key otherwise."""
     raw = conf.get(key)
     if raw in (None, ""):
         return default
     try:
-        value = int(str(raw))
+        value = parse(str(raw))
     except ValueError:
-        raise ValueError(f"--conf {key} {raw!r}: expected a whole number") from None
-    if value < minimum:
-        raise ValueError(f"--conf {key} {raw!r}: must be at least {minimum}")
+        raise ValueError(f"--conf {key} {raw!r}: expected {what}") from None
+    if not valid(value):
+        raise ValueError(f"--conf {key} {raw!r}: {rule}")
     return value
+
+
+def _int(conf: dict, key: str, default: int | None, minimum: int = 1) -> int | None:
+    return _number(conf, key, default, int, "a whole number", lambda v: v >= minimum, f"must be at least {minimum}")
 
 
 def _mode(conf: dict) -> str:
@@ -65,16 +70,7 @@ def _mode(conf: dict) -> str:
 
 
 def _float(conf: dict, key: str, default: float) -> float:
-    raw = conf.get(key)
-    if raw in (None, ""):
-        return default
-    try:
-        value = float(str(raw))
-    except ValueError:
-        raise ValueError(f"--conf {key} {raw!r}: expected a number") from None
-    if not value > 0:
-        raise ValueError(f"--conf {key} {raw!r}: must be positive")
-    return value
+    return _number(conf, key, default, float, "a number", lambda v: v > 0, "must be positive")
 
 
 @dataclass(frozen=True)

@@ -100,9 +100,10 @@ def stack_geometry(datasets: Sequence[Dataset]) -> tuple[list[int], np.ndarray]:
     return [int(i) for i in order], LPS_TO_RAS @ lps
 
 
-def decimal_string(value: float) -> str:
-    """``value`` as a DICOM Decimal String (at most 16 characters), as precise as fits."""
-    for digits in range(15, 0, -1):
+def decimal_string(value: float, max_digits: int = 15) -> str:
+    """``value`` as a DICOM Decimal String (at most 16 characters), as precise as fits (at most
+    ``max_digits`` significant digits)."""
+    for digits in range(max_digits, 0, -1):
         text = f"{value:.{digits}g}"
         if len(text) <= 16:
             return "0" if text in ("-0", "0") else text

@@ -154,33 +154,3 @@ def make_seg(
         mine[0].DeviceUID = device_uid
     return seg
 
-
-def labels_from_seg(seg, source_datasets: Sequence[Dataset], catalogue=None) -> nib.Nifti1Image:
-    """A SEG read back as a catalogue label map on the source series' grid (per source instance).
-
-    Segments are mapped back to catalogue ids by their Tracking ID (the catalogue name), checked
-    against their SNOMED type code. Used by tests and by anyone round-tripping our SEGs.
-    """
-    import highdicom as hd
-
-    from ..catalogue import load_catalogue
-
-    catalogue = catalogue or load_catalogue()
-    if not isinstance(seg, hd.seg.Segmentation):
-        seg = hd.seg.Segmentation.from_dataset(seg)
-    order, affine = stack_geometry(source_datasets)
-    ordered = [source_datasets[i] for i in order]
-    numbers = list(seg.get_segment_numbers())
-    lut = np.zeros(max(numbers) + 1, np.uint8)
-    for n in numbers:
-        desc = seg.get_segment_description(n)
-        s = catalogue.get(desc.tracking_id)
-        if desc.segmented_property_type.value != s.type.code:
-            raise ValueError(f"segment {n} ({desc.segment_label}) has a code that does not match {s.name}")
-        lut[n] = s.id
-    pixels = seg.get_pixels_by_source_instance(
-        [ds.SOPInstanceUID for ds in ordered], combine_segments=True, skip_overlap_checks=False, dtype=np.uint16,
-    )
-    data = lut[pixels].transpose(2, 1, 0)
-    out = nib.Nifti1Image(np.ascontiguousarray(data), affine)
-    return out

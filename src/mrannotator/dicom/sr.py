@@ -77,6 +77,19 @@ def _group(seg: Dataset, item: Dataset, row: dict, mean: float, structure, algor
     )
 
 
+def _device(device_uid: str | None):
+    """The observer context naming MRAnnotator as the device that made the measurements."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid or hd.UID(), name=ALGORITHM_NAME, manufacturer_name="MRAnnotator project",
+            model_name=ALGORITHM_NAME, serial_number="0"),
+    )
+
+
 def make_sr(
     seg: Dataset,
     rows: Sequence[dict],
@@ -115,14 +128,8 @@ def make_sr(
                source_series)
         for name in sorted(by_name, key=lambda n: int(segments[n].SegmentNumber))
     ]
-    device = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid or hd.UID(), name=ALGORITHM_NAME, manufacturer_name="MRAnnotator project",
-            model_name=ALGORITHM_NAME, serial_number="0"),
-    )
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        observation_context=hd.sr.ObservationContext(observer_device_context=_device(device_uid)),
         procedure_reported=_concept(*MR_PROCEDURE),
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,

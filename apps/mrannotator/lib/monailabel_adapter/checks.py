@@ -19,6 +19,23 @@ from fastapi.responses import JSONResponse
 
 from .internals import tasks
 
+# a task name that is not served: what it is called and how the served ones are introduced
+_UNKNOWN = {"infers": ("model", "is not served here; served models:"),
+            "trainers": ("trainer", "does not exist; choose from"),
+            "strategies": ("strategy", "does not exist; choose from"),
+            "scoring_methods": ("scoring method", "does not exist; choose from")}
+
+
+def unknown_task(app, kind: str, name) -> str | None:
+    """The 404 message for ``name`` when it is no task of ``kind`` (``infers``, ``trainers``, ``strategies``,
+    ``scoring_methods``) of ``app``, else None: one wording for the route checks here and for the app's own
+    methods (``main.py``), which MONAI Label also calls without HTTP (batch infer)."""
+    served = tasks(app, kind)
+    if name in served:
+        return None
+    noun, rest = _UNKNOWN[kind]
+    return f"{noun} {name!r} {rest} {', '.join(served)}"
+
 
 def _query(scope) -> dict[str, str]:
     return {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
@@ -35,8 +52,8 @@ def malformed(path: str, query: dict[str, str]) -> tuple[int, str] | None:
 
 
 def _more_checks(app, method: str, template: str, last: str, query: dict[str, str]) -> tuple[int, str] | None:
-    if (method, template) == ("POST", "/batch/infer/{model}") and last not in tasks(app, "infers"):
-        return 404, f"model {last!r} is not served here; served models: {', '.join(tasks(app, 'infers'))}"
+    if (method, template) == ("POST", "/batch/infer/{model}") and unknown_task(app, "infers", last):
+        return 404, unknown_task(app, "infers", last)
     if (method, template) == ("POST", "/infer/{model}") and query.get("output") == "dicom_seg" \
             and not str(app.studies).startswith(("http://", "https://")):
         return 400, "output=dicom_seg needs a DICOMweb (PACS) datastore; this server stores files: " \
@@ -64,10 +81,10 @@ def precheck(method: str, template: str, path: str, query: dict[str, str]) -> tu
     refusal = _more_checks(app, method, template, last, query)
     if refusal is not None:
         return refusal
-    if (method, template) == ("POST", "/train/{model}") and last not in tasks(app, "trainers"):
-        return 404, f"trainer {last!r} does not exist; choose from {', '.join(tasks(app, 'trainers'))}"
-    if (method, template) == ("POST", "/scoring/{method}") and last not in tasks(app, "scoring_methods"):
-        return 404, f"scoring method {last!r} does not exist; choose from {', '.join(tasks(app, 'scoring_methods'))}"
+    if (method, template) == ("POST", "/train/{model}") and unknown_task(app, "trainers", last):
+        return 404, unknown_task(app, "trainers", last)
+    if (method, template) == ("POST", "/scoring/{method}") and unknown_task(app, "scoring_methods", last):
+        return 404, unknown_task(app, "scoring_methods", last)
     if (method, template) == ("POST", "/infer/{model}") and not query.get("image") and not query.get("session_id"):
         return 400, "infer needs image=<datastore image id> (or session_id=<session>)"
     datastore = app.datastore()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]  # src/mrannotator/testing -> the repository
 _spec = importlib.util.spec_from_file_location("mrannotator_orthanc_script", ROOT / "scripts" / "orthanc.py")
 orthanc = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = orthanc  # dataclasses look their module up by name
@@ -76,7 +76,8 @@ def running_monailabel(studies: str, root: Path, weights: Path, env: dict | None
     """``monailabel start_server --app apps/mrannotator --studies STUDIES`` on a free loopback port
     (server_support's start/stop, with the DICOMweb cache in ``root``); yields a client and the paths."""
     from monailabel.client import MONAILabelClient
-    from server_support import start_server, stop_server
+
+    from .server_support import start_server, stop_server
 
     env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache"), **(env or {})}
     server = start_server(root, studies, weights, conf={k: str(v) for k, v in (conf or {}).items()}, env=env,

@@ -15,7 +15,6 @@ import datetime as _dt
 from collections.abc import Sequence
 from pathlib import Path
 
-import imagecodecs
 import nibabel as nib
 import numpy as np
 from pydicom import uid as uids
@@ -23,6 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 
 from mrannotator.dicom import find_series, load_series
+from mrannotator.dicom.geometry import decimal_string
 from mrannotator.errors import InputError
 from mrannotator.imageio import LPS_TO_RAS, load_image
 
@@ -43,17 +43,9 @@ TRANSFER_SYNTAXES = {
 _POST_ENCODED = {uids.RLELossless, uids.JPEGLSLossless, uids.JPEG2000Lossless}  # pydicom's Dataset.compress
 
 
-def _ds(value: float) -> str:
-    """A DICOM Decimal String (at most 16 characters) that keeps as much precision as fits."""
-    for digits in range(10, 0, -1):
-        s = f"{value:.{digits}g}"
-        if len(s) <= 16:
-            return "0" if s in ("-0", "0") else s
-    raise ValueError(f"{value} does not fit a DICOM DS")
-
-
 def _round(v: float) -> float:
-    return float(_ds(v))
+    """``v`` as written in a DS: 10 significant digits at most, as scanners write (the product's DS writer)."""
+    return float(decimal_string(v, max_digits=10))
 
 
 def _slice_geometry(affine_ras: np.ndarray):
@@ -88,6 +80,8 @@ def _set_pixels(ds: Dataset, frame: np.ndarray, syntax: str) -> None:
     """Pixel Data of one frame (rows, columns) in ``syntax``; the file meta says which."""
     ds.file_meta.TransferSyntaxUID = syntax
     if syntax == uids.JPEGLosslessSV1:
+        import imagecodecs  # a dev dependency: imported where SV1 is written, so the package imports without it
+
         # imagecodecs' lossless JPEG is process 14, first-order prediction (SV1); same bits, unsigned view
         encoded = imagecodecs.ljpeg_encode(np.ascontiguousarray(frame).view(np.uint16), bitspersample=16)
         ds.PixelData = encapsulate([encoded])
@@ -163,6 +157,23 @@ def _geometry_attributes(ds: Dataset, geometry, k: int, iop_decimals: int | None
         ds.SpacingBetweenSlices = _round(thickness)
 
 
+def _inverted(pixels: np.ndarray) -> np.ndarray:
+    """MONOCHROME1 storage: lo + hi - v in the stored type's range."""
+    info = np.iinfo(pixels.dtype)
+    return (int(info.min) + int(info.max) - pixels.astype(np.int64)).astype(pixels.dtype)
+
+
+def _instance(shared: Dataset, instance_number: int) -> Dataset:
+    """One instance of the series: the shared attributes, its own SOP Instance UID and file meta."""
+    ds = copy.deepcopy(shared)
+    ds.file_meta = FileMetaDataset()
+    ds.SOPInstanceUID = uids.generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.InstanceNumber = instance_number
+    return ds
+
+
 def write_series(
     image,
     folder: str | Path,
@@ -198,8 +209,7 @@ def write_series(
         raise ValueError("write_series writes MR or CT series")
     pixels, signed = _stored_pixels(np.asanyarray(img.dataobj))
     if photometric == "MONOCHROME1":
-        info = np.iinfo(pixels.dtype)
-        pixels = (int(info.min) + int(info.max) - pixels.astype(np.int64)).astype(pixels.dtype)
+        pixels = _inverted(pixels)
     geometry = _slice_geometry(img.affine)
     texts = {"patient_id": "MRA0001", "patient_name": "Phantom^MRAnnotator", "body_part": "ABDOMEN",
              "study_description": "MRAnnotator test study", "series_description": series_description, **texts}
@@ -215,12 +225,7 @@ def write_series(
     nx, ny, nz = pixels.shape
     files = []
     for k in range(nz):
-        ds = copy.deepcopy(shared)
-        ds.file_meta = FileMetaDataset()
-        ds.SOPInstanceUID = uids.generate_uid()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = k + first_instance_number
+        ds = _instance(shared, k + first_instance_number)
         _geometry_attributes(ds, geometry, k, iop_decimals, iop_jitter)
         ds.Rows, ds.Columns = ny, nx
         ds.PixelRepresentation = signed

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import requests
 
-APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "mrannotator"
+APP_DIR = Path(__file__).resolve().parents[3] / "apps" / "mrannotator"  # src/mrannotator/testing -> repo
 
 
 def free_port() -> int:
