@@ -39,11 +39,21 @@ DEBIAN_PACKAGES = "python3,python3-venv,ca-certificates,libgomp1"
 DEFAULT_TORCH = "torch==2.13.0+cpu"  # the CPU wheel on this machine's disk (/opt/wheels); see --torch
 VENV = "/opt/venv"
 SITE = f"{VENV}/lib/python3.11/site-packages"
+# The MAP's environment as holoscan-cli 4.2's Dockerfile template sets it (packager/templates/Dockerfile.jinja2,
+# values from holoscan_cli.common.constants.DefaultValues), then the app's own settings.
 ENV = {
     "HOLOSCAN_INPUT_PATH": "/var/holoscan/input",
     "HOLOSCAN_OUTPUT_PATH": "/var/holoscan/output",
-    "HOLOSCAN_MODEL_PATH": "/opt/holoscan/models",
+    "HOLOSCAN_WORKDIR": "/var/holoscan",
     "HOLOSCAN_APPLICATION": "/opt/holoscan/app",
+    "HOLOSCAN_TIMEOUT": "0",
+    "HOLOSCAN_MODEL_PATH": "/opt/holoscan/models",
+    "HOLOSCAN_DOCS_PATH": "/opt/holoscan/docs",
+    "HOLOSCAN_CONFIG_PATH": "/var/holoscan/app.yaml",
+    "HOLOSCAN_APP_MANIFEST_PATH": "/etc/holoscan/app.json",
+    "HOLOSCAN_PKG_MANIFEST_PATH": "/etc/holoscan/pkg.json",
+    "HOLOSCAN_LOGS_PATH": "/var/holoscan/logs",
+    "HOLOSCAN_VERSION": "4.2.0",  # holoscan-cu13 in requirements-cpu.txt
     "MRANNOTATOR_DEVICE": "cpu",
     "LD_LIBRARY_PATH": f"{SITE}/nvidia/cu13/lib",  # libcudart.so.13, which libholoscan_core links
     "PYTHONDONTWRITEBYTECODE": "1",
@@ -84,10 +94,11 @@ COPY requirements-cpu.txt /tmp/requirements-cpu.txt
 RUN python3 -m venv {VENV} \\
  && {VENV}/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheels -r /tmp/requirements-cpu.txt \\
  && rm -rf /tmp/wheels /tmp/requirements-cpu.txt \\
- && mkdir -p /var/holoscan/input /var/holoscan/output
+ && mkdir -p /var/holoscan/input /var/holoscan/output /var/holoscan/logs /opt/holoscan/docs
 COPY app /opt/holoscan/app
 COPY models /opt/holoscan/models
 COPY map /etc/holoscan
+COPY app.yaml /var/holoscan/app.yaml
 {env}
 WORKDIR /var/holoscan
 ENTRYPOINT {json.dumps(COMMAND)}
@@ -137,6 +148,7 @@ def build(args) -> int:
         (wheels / ".complete").write_text(args.torch + "\n")
     stage(args.models, context)  # replaces context/ (app, models)
     manifests(args.config, context / "models", context / "map")
+    shutil.copy2(args.config, context / "app.yaml")
     shutil.copy2(ROOT / "packaging" / "requirements-cpu.txt", context / "requirements-cpu.txt")
     with open(context / "requirements-cpu.txt", "a") as f:
         f.write(f"{args.torch}\n")
