@@ -109,10 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     record["outputs_image"] = sorted(p.name for p in (tmp / "image").iterdir())
     if record["image"]["exit"] == 0:
         record["compare"] = compare(args.input, local, tmp / "image")
+    else:
+        record["image"]["error"] = (tmp / "image.log").read_text(errors="replace").strip().splitlines()[-4:]
     print(json.dumps(record, indent=1))
     if args.json:
         args.json.write_text(json.dumps(record, indent=1) + "\n")
-    ok = record["image"]["exit"] == 0 and record["compare"]["seg_voxels_differing"] == 0
+    ok = record.get("compare", {}).get("seg_voxels_differing") == 0
     return 0 if ok else 1
 
 
