@@ -48,7 +48,8 @@ def test_memory_request_is_above_the_recorded_512x512x200_peak():
     record = json.loads((RESULTS / "memory.json").read_text())
     assert record["shape"] == [512, 512, 200]
     rows = record["rows"]
-    peak = max(max(rows[k]["peak_rss_one_process_mib"], rows[k]["peak_pss_mib"]) for k in ("engine_cli", "server_infer"))
+    peak = max(max(rows[k]["peak_rss_one_process_mib"], rows[k]["peak_pss_mib"])
+               for k in ("engine_cli", "server_infer"))
     assert app_yaml_memory_mib() > peak, (app_yaml_memory_mib(), peak)
 
 
