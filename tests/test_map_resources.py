@@ -74,3 +74,38 @@ def test_image_manifest_carries_the_app_yaml_request(tmp_path):
     assert quantity_mib(pkg["resources"]["memory"]) == app_yaml_memory_mib()
     assert app["environment"]["HOLOSCAN_CONFIG_PATH"] == "/var/holoscan/app.yaml"
     assert app["environment"]["HOLOSCAN_MODEL_PATH"] == pkg["modelRoot"]
+
+
+def test_image_build_refuses_a_cpu_torch_with_pypi_torchvision(tmp_path):
+    """torchvision's ops library from PyPI links PyPI's (CUDA) torch: with a +cpu torch, model loading fails
+    ("operator torchvision::nms does not exist", measured on the built image); the wheels step says so first."""
+    sys.path.insert(0, str(ROOT / "packaging"))
+    import image
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl").touch()
+    (wheels / "torchvision-0.28.0-cp311-cp311-manylinux_2_28_x86_64.whl").touch()
+    with pytest.raises(image.StepFailed, match=r"torchvision 0\.28\.0 is PyPI's CUDA build"):
+        image.check_torch_pair(wheels)
+    (wheels / "torchvision-0.28.0-cp311-cp311-manylinux_2_28_x86_64.whl").rename(
+        wheels / "torchvision-0.28.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl")
+    image.check_torch_pair(wheels)  # a +cpu pair is accepted
+    for name in ("torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl",
+                 "torchvision-0.28.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"):
+        (wheels / name).unlink()
+    (wheels / "torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl").touch()
+    (wheels / "torchvision-0.29.1-cp311-cp311-manylinux_2_28_x86_64.whl").touch()
+    image.check_torch_pair(wheels)  # PyPI's pair (the default) is accepted
+
+
+def test_image_carries_the_map_environment_and_app_yaml():
+    sys.path.insert(0, str(ROOT / "packaging"))
+    import image
+
+    text = image.containerfile()
+    for key in ("HOLOSCAN_INPUT_PATH", "HOLOSCAN_OUTPUT_PATH", "HOLOSCAN_MODEL_PATH", "HOLOSCAN_WORKDIR",
+                "HOLOSCAN_CONFIG_PATH", "HOLOSCAN_APP_MANIFEST_PATH", "HOLOSCAN_PKG_MANIFEST_PATH"):
+        assert f"ENV {key}=" in text, key
+    assert f"COPY app.yaml {image.ENV['HOLOSCAN_CONFIG_PATH']}" in text
+    assert "--no-index" in text  # the image installs only the wheels built on the host
