@@ -106,7 +106,15 @@ def _summary(rows) -> dict:
         undecided = sum(1 for r in sel if r[basis_key]["mirrored"] is None)
         return {"cases": len(sel), "flagged": flagged, "undecided": undecided}
 
-    return {"with_proposal": {"mirrored": count("verdict", True), "honest": count("verdict", False)},
+    def spread(basis_key, mirrored_export):  # how close the cases came to the decision
+        sel = [r[basis_key] for r in rows if r["mirrored_export"] == mirrored_export and r[basis_key]["as_is"]
+               is not None]
+        return {"as_is": [min(v["as_is"] for v in sel), max(v["as_is"] for v in sel)],
+                "reversed": [min(v["reversed"] for v in sel), max(v["reversed"] for v in sel)]} if sel else {}
+
+    return {"with_proposal": {"mirrored": count("verdict", True), "honest": count("verdict", False),
+                              "range_mirrored": spread("verdict", True), "range_honest": spread("verdict", False)},
+            "image_only_ranges": {"mirrored": spread("image_only", True), "honest": spread("image_only", False)},
             "image_only": {"mirrored": count("image_only", True), "honest": count("image_only", False)},
             "edited_share_range": [min(r["edited_share"] for r in rows), max(r["edited_share"] for r in rows)],
             "basis_used": sorted({r["verdict"]["basis"] for r in rows})}

@@ -119,6 +119,28 @@ def _segs_of(pacs, uid) -> set[str]:
 
 
 # ------------------------------------------------------------------------------------- mirrored labels
+def test_the_guard_keeps_proposals_and_quarantines_crash_safe(series, tmp_path):
+    from lib.label_guard import LabelGuard, LabelMirrored
+
+    entry = series[AFFECTED]
+    truth, affine = np.asanyarray(entry["labels"].dataobj), entry["volume"].affine
+    guard = LabelGuard(tmp_path)
+    nib.save(entry["labels"], tmp_path / "result.nii.gz")
+    guard.record_proposal("1.2.3", tmp_path / "result.nii.gz")
+    assert [p.name for p in (tmp_path / "proposals").iterdir()] == ["1.2.3.nii.gz"]  # no temporary file left
+    label = nib.Nifti1Image(np.ascontiguousarray(truth[:, :, ::-1]), affine)
+    with pytest.raises(LabelMirrored) as refused:
+        guard.refuse_if_mirrored("1.2.3", label, entry["volume"])
+    assert refused.value.status_code == 409 and "mirrored along the slice axis" in refused.value.detail
+    guard.refuse_if_mirrored("1.2.3", entry["labels"], entry["volume"])  # the honest one passes
+    with pytest.raises(LabelMirrored, match="quarantined"):
+        guard.screen_seg("1.2.3", "9.9.9", label, None)
+    assert set(guard.quarantined()) == {"9.9.9"}
+    assert guard.image_info("1.2.3")["label_quarantined"][0]["check"]["basis"] == "proposal"
+    assert guard.image_info("4.5.6") == {}
+    assert guard.proposal("1.2.3", affine * 2, truth.shape) is None  # a proposal on another grid is not used
+
+
 def test_the_matrix_covers_both_slice_directions_both_positions_and_the_real_series(series):
     combos = {(e["direction"], e["position"]) for name, e in series.items() if name != "siemens"}
     assert combos == {(1, "HFS"), (1, "FFS"), (-1, "HFS"), (-1, "FFS")}

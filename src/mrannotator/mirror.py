@@ -49,7 +49,7 @@ class MirrorVerdict:
         if self.basis == "image":
             return (f"the label explains the image intensities to eta2 = {self.as_is:.2f} as stored and "
                     f"{self.reversed:.2f} reversed along the slice axis")
-        return "no proposal for this series and no clear image evidence: not checked for mirroring"
+        return "no proposal for this series and no image evidence: not checked for mirroring"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -112,14 +112,14 @@ def against_image(label: np.ndarray, image: np.ndarray, axis: int = SLICE_AXIS) 
 
 def check_mirrored(label: np.ndarray, proposal: np.ndarray | None = None,
                    image: np.ndarray | None = None, axis: int = SLICE_AXIS) -> MirrorVerdict:
-    """The proposal decides when it can; otherwise the image; otherwise nothing is decided."""
+    """The proposal decides when it can; otherwise the image. An undecided verdict keeps the figures of the
+    last evidence looked at (basis "none" when there was none)."""
     label = np.asarray(label)
+    verdict = MirrorVerdict(None, "none")
     if proposal is not None:
         verdict = against_proposal(label, np.asarray(proposal), axis)
         if verdict.mirrored is not None:
             return verdict
     if image is not None and np.any(label):
         verdict = against_image(label, np.asarray(image), axis)
-        if verdict.mirrored is not None:
-            return verdict
-    return MirrorVerdict(None, "none")
+    return verdict
