@@ -1,6 +1,6 @@
 """Mirrored-label check (issue 19): detection on mirrored exports, false alarms on honest corrections.
 
-For every series of the geometry matrix (tests/mirror_support.MATRIX: axial, sagittal, coronal,
+For every series of the geometry matrix (mrannotator.testing.mirror_support.MATRIX: axial, sagittal, coronal,
 oblique; instance numbers increasing and decreasing along the slice normal; head / feet first):
 
 - the proposal is the demo abdomen model's result on the series (the engine, as the server infers);
@@ -31,13 +31,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def _read_back(seg, entry):
-    from mrannotator.seg_import import labels_from_any_seg
+    from mrannotator.dicom import labels_from_seg
 
-    return np.asanyarray(labels_from_any_seg(seg, entry["datasets"]).dataobj)
+    return np.asanyarray(labels_from_seg(seg, entry["datasets"]).dataobj)
 
 
 def _corrections(proposal, rng, count, ms):
@@ -65,14 +64,14 @@ def _row(case, kind, share, mirrored_export, label, proposal, image):
 
 
 def run(weights: Path, per_series: int, seed: int) -> dict:
-    import mirror_support as ms
     import nibabel as nib
     import pydicom
-    from mirror_support import MATRIX, case_name, mirrored_seg, write_matrix_series
 
     from mrannotator import Segmenter
     from mrannotator.catalogue import load_catalogue
     from mrannotator.dicom import make_seg
+    from mrannotator.testing import mirror_support as ms
+    from mrannotator.testing.mirror_support import MATRIX, case_name, mirrored_seg, write_matrix_series
 
     segmenter = Segmenter(weights=weights, device="cpu", regions=["abdomen"])
     structures = list(load_catalogue())

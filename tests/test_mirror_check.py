@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import mirror_support as ms
 import numpy as np
 import pytest
 
 from mrannotator.mirror import check_mirrored, intensity_fit, label_distance
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing import mirror_support as ms
 
 pytestmark = pytest.mark.unit
 

@@ -14,25 +14,23 @@ first and feet first) and the bundled real Siemens sagittal series. Tests run in
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-import mirror_support as ms
 import nibabel as nib
 import numpy as np
-import orthanc_support
 import pydicom
 import pytest
 import requests
 
 from mrannotator.catalogue import load_catalogue
+from mrannotator.testing import mirror_support as ms
+from mrannotator.testing import orthanc_support
 
 pytestmark = [pytest.mark.pacs, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_SERIES = ROOT.parent / "shared" / "data" / "real_dicom" / "siemens_t1_sag_hfs"
-sys.path.insert(0, str(ROOT / "apps" / "mrannotator"))
 LISTING_WAIT_S = 3.5  # the server re-reads the PACS listing after 3 s
 AFFECTED = "sagittal_inc_ffs"  # instance numbers increase along the normal: where OHIF's export mirrors
 NO_PROPOSAL = "coronal_dec_ffs"

@@ -1,6 +1,6 @@
 """The geometry matrix as DICOM series, OHIF-like mirrored SEGs and simulated honest corrections.
 
-Used by tests/test_mirror_geometry.py (a real Orthanc and server) and bench/mirror_check.py.
+Used by tests/test_mirror_geometry.py, tests/test_mirror_check.py (a real Orthanc and server) and bench/mirror_check.py.
 
 - :func:`matrix_series`: abdominal phantoms written as real DICOM series in every plane (axial,
   sagittal, coronal, oblique), instance numbers increasing or decreasing along the slice normal,
@@ -19,13 +19,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
-from dicom_fixtures import read_series, write_series
 from scipy import ndimage
 
 from mrannotator.catalogue import load_catalogue
 from mrannotator.dicom import stack_geometry
 from mrannotator.imageio import LPS_TO_RAS
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing.dicom_fixtures import read_series, write_series
 
 # (plane, instance numbers along the slice normal: +1 increasing / -1 decreasing, patient position)
 MATRIX = (
