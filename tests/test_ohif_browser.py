@@ -23,7 +23,7 @@ import requests
 
 from mrannotator.phantoms import make_phantom
 from mrannotator.testing import orthanc_support
-from mrannotator.testing.dicom_fixtures import write_series
+from mrannotator.testing.dicom_fixtures import read_series, write_series
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "build" / "test-artifacts" / "ohif"
@@ -70,7 +70,7 @@ def setup(tmp_path_factory, demo_weights):
         (root / "server").mkdir()
         with orthanc_support.running_monailabel(pacs.dicomweb_url, root / "server", demo_weights,
                                                 env=pacs.env()) as server:
-            yield {"server": server, "pacs": pacs, "studies": studies}
+            yield {"server": server, "pacs": pacs, "studies": studies, "root": root}
 
 
 def _viewport_pixels(page, name: str) -> np.ndarray:
@@ -187,8 +187,11 @@ def test_ohif_infer_overlay_and_seg_export_to_the_pacs_label_the_series(setup):
 
 
 def test_ohif_seg_export_reverses_the_slices_of_a_series_numbered_along_its_normal_upstream_bug(setup):
-    """Measured upstream defect (see EXPORT_REVERSED): fails once OHIF exports this series exactly."""
+    """Measured upstream defect (see EXPORT_REVERSED): fails once OHIF exports this series exactly. The server
+    does not take the reversed export as final: quarantined, the reason in the 409 and the image's info."""
     from playwright.sync_api import sync_playwright
+
+    from mrannotator.dicom import labels_from_seg
 
     server, pacs = setup["server"], setup["pacs"]
     ids = setup["studies"][EXPORT_REVERSED]
@@ -203,6 +206,19 @@ def test_ohif_seg_export_reverses_the_slices_of_a_series_numbered_along_its_norm
             _export_seg(page)
         finally:
             browser.close()
-    exported, predicted = _label_and_prediction(setup, ids["series"], before, EXPORT_REVERSED)
+    new = set(orthanc_support.seg_series(pacs, ids["series"])) - set(before)
+    assert len(new) == 1
+    time.sleep(3.5)  # the server re-reads the PACS listing after 3 s
+    r = requests.get(f"{server['url']}/datastore/label?label={ids['series']}&tag=final", timeout=300)
+    assert r.status_code == 409 and "mirrored along the slice axis" in r.text, r.text
+    info = requests.get(f"{server['url']}/datastore/image/info?image={ids['series']}", timeout=60).json()
+    assert [q["seg"] for q in info["label_quarantined"]] == list(new)
+    # the SEG itself, read by reference as any reader would: the slices reversed
+    client = orthanc_support.dicomweb(pacs)
+    seg = client.retrieve_series(ids["study"], new.pop())[0]
+    datasets, _ = read_series(setup["root"] / EXPORT_REVERSED)
+    exported = np.asanyarray(labels_from_seg(seg, datasets).dataobj)
+    path, _ = server["client"].infer("mrannotator", ids["series"], {})
+    predicted = np.asanyarray(nib.load(path).dataobj)
     assert not np.array_equal(exported, predicted), "OHIF now exports this series exactly: drop this test"
     assert np.array_equal(exported[:, :, ::-1], predicted)

@@ -25,6 +25,7 @@ from lib.configs.mrannotator import MRAnnotatorConfig
 from lib.datastore import MRAnnotatorDatastore, check_name
 from lib.dicomweb_datastore import MRAnnotatorDICOMwebDatastore, dicomweb_datastore
 from lib.errors import bad_request, not_found, server_error
+from lib.label_guard import keep_proposal
 from lib.monailabel_adapter import ohif as ohif_fixes
 from lib.monailabel_adapter.checks import unknown_task
 from lib.monailabel_adapter.concurrency import RoutePools, offload_blocking_routes
@@ -114,10 +115,10 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
         image = request.get("image")
         if not isinstance(image, str) or not image:
             raise bad_request(f"image must be a datastore image id, not {type(image).__name__} {image!r}")
-        save_label = False
+        save_label = listed = False
         if isinstance(ds, (MRAnnotatorDatastore, MRAnnotatorDICOMwebDatastore)):
             if image in ds.list_images():  # resolved here: MONAI Label prefers a file of that name in its cwd
-                save_label = bool(request.get("save_label"))
+                save_label, listed = bool(request.get("save_label")), True
                 request = {**request, "image_id": image, "image": ds.get_image_uri(image), "save_label": False}
             elif request.get("session") and self._session_image(image):
                 pass
@@ -128,6 +129,8 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
                 raise not_found(f"image {image!r} is not in the datastore")
         try:
             result = super().infer(request, datastore)
+            if listed:  # the proposal a final label of this series is checked against (lib/label_guard.py)
+                keep_proposal(ds, image, result.get("file"))
             if save_label and result.get("file") and os.path.exists(result["file"]):  # what MONAI Label would do
                 tag = request.get("label_tag") or DefaultLabelTag.ORIGINAL
                 info = {"model": model, "params": result["params"]}

@@ -44,6 +44,7 @@ from lib.datastore import check_name, read_volume
 from lib.dicomweb_info import SeriesInfo
 from lib.dicomweb_listing import LISTING_TTL_S, MR, PacsListing, series_problem
 from lib.errors import bad_request, unprocessable
+from lib.label_guard import LabelGuard, LabelMirrored
 from lib.pacs import PacsUnavailable, guarded_client
 from mrannotator.catalogue import load_catalogue
 from mrannotator.dicom import SegImportError, Series, find_series, labels_from_seg, load_series, make_seg
@@ -83,6 +84,7 @@ class MRAnnotatorDICOMwebDatastore(PacsListing, SeriesInfo, DICOMWebDatastore):
         for sub in ("images", "series", "segs", "labels"):
             (self._root / sub).mkdir(parents=True, exist_ok=True)
         self._info_path = self._root / "info.json"
+        self.guard = LabelGuard(self._root)  # proposals kept at infer time; mirrored labels never final
         self._lock = threading.RLock()
         self._listing: tuple[float, dict[str, dict]] | None = None
         self._seg_listing: tuple[float, dict[str, list[dict]]] | None = None
@@ -184,6 +186,11 @@ class MRAnnotatorDICOMwebDatastore(PacsListing, SeriesInfo, DICOMWebDatastore):
             self._check_ids(np.asanyarray(labels.dataobj), image_id)
         except HTTPException as e:
             raise LabelUnusable(f"label SEG {newest['seg']}: {e.detail}") from e
+        try:
+            self.guard.screen_seg(image_id, newest["seg"], labels, nib.load(self.get_image_uri(image_id)))
+        except LabelMirrored:
+            self._seg_listing = None  # listed again without it: an earlier SEG, if any, is final again
+            raise
         path.parent.mkdir(parents=True, exist_ok=True)
         save_nifti(labels, path)
         return str(path)
@@ -242,6 +249,8 @@ class MRAnnotatorDICOMwebDatastore(PacsListing, SeriesInfo, DICOMWebDatastore):
         series = self._cached_series(image_id)  # read once: the image check and the SEG's sources use it
         label = self.checked_label(image_id, label_filename, series)
         final = label_tag == DefaultLabelTag.FINAL
+        if final:  # 409 with the reason for a mirrored label (lib/label_guard.py)
+            self.guard.refuse_if_mirrored(image_id, label, nib.load(self.get_image_uri(image_id, series)))
         if not final:  # an infer result (or a draft): kept in the cache for this tag
             path = self._root / "labels" / label_tag / f"{image_id}.nii.gz"
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,8 @@ class SeriesInfo:
         series = self._series()
         if image_id not in series:
             return {}
-        info = {**series[image_id], "SeriesInstanceUID": image_id, **self._read_info().get(image_id, {})}
+        info = {**series[image_id], "SeriesInstanceUID": image_id, **self._read_info().get(image_id, {}),
+                **self.guard.image_info(image_id)}  # why a SEG of it was quarantined (lib/label_guard.py)
         cached = self._root / "images" / f"{image_id}.nii.gz"
         if cached.is_file():
             info["path"] = str(cached)

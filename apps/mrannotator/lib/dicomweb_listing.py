@@ -110,13 +110,14 @@ class PacsListing:
     def _read_segs(self, images: dict[str, dict]) -> dict[str, list[dict]]:
         with self._lock:
             by_image: dict[str, list[dict]] = {}
+            quarantined = self.guard.quarantined()  # mirrored SEGs (lib/label_guard.py) label nothing
             for js in self._client.search_for_series(search_filters={"Modality": SEG}):
                 ds = Dataset.from_json(js)
                 uid = str(ds.SeriesInstanceUID)
                 if uid not in self._seg_refs:
                     self._seg_refs[uid] = self._describe_seg(str(ds.StudyInstanceUID), uid)
                 ref = self._seg_refs[uid]
-                if ref["image"] in images and not ref["automatic"]:
+                if ref["image"] in images and not ref["automatic"] and uid not in quarantined:
                     by_image.setdefault(ref["image"], []).append({"seg": uid, **ref})
             for segs in by_image.values():
                 segs.sort(key=lambda r: (r["when"], r["seg"]), reverse=True)
