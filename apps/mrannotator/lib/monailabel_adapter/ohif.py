@@ -83,7 +83,7 @@ def apply() -> None:
         return
     from monailabel.endpoints import ohif
 
-    from . import dicomweb_proxy
+    from . import dicomweb_proxy, ohif_viewer
 
     ohif.get_ohif = fixed_get_ohif
     dicomweb_proxy.install()
@@ -95,5 +95,6 @@ def apply() -> None:
         route = APIRoute(f"{settings.MONAI_LABEL_API_STR}/ohif/{{path:path}}", _ohif_route_with_cookie(),
                          methods=["GET"], include_in_schema=False)
         server.app.router.routes.insert(0, route)
+        ohif_viewer.install(server.app)  # the current OHIF, with the segmentation mode, at /viewer/
     _applied = True
     logger.info("applied OHIF fixes: nested asset paths, DICOMweb proxy, server URL cookie")
