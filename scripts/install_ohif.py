@@ -5,7 +5,7 @@
 Without ``--tarball`` the package is fetched once with ``npm pack`` (npm checks it against the registry's
 integrity); either way its SHA-512 must equal the pinned one below. The ``dist`` folder is unpacked into
 ``apps/mrannotator/ohif_viewer/`` (git-ignored), with the one thing a deployment under a sub-path needs
-that the prebuilt bundle fixes at "/": its webpack public path and the absolute URLs in ``index.html``
+that the prebuilt bundle fixes at "/": its webpack public path and the absolute URLs in ``index.html`` and the CSS
 become ``/viewer/``. Nothing else is changed; ``app-config.js`` is written by the server at request time
 (lib/monailabel_adapter/ohif_viewer.py). The folder is replaced atomically (unpacked next to it, renamed).
 """
@@ -63,6 +63,8 @@ def rewrite(dist: Path) -> int:
         if n:
             js.write_bytes(new)
             runtimes += n
+    for css in dist.glob("*.css"):  # fonts: url(/x.woff2)
+        css.write_text(re.sub(r"url\(/(?!/)", f"url({MOUNT}", css.read_text()))
     if runtimes == 0:
         raise SystemExit("no webpack public path found in the bundle: this OHIF build is not the one pinned")
     return runtimes

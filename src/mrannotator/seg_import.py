@@ -24,6 +24,8 @@ from .errors import InputError
 logger = logging.getLogger(__name__)
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+# Label Map Segmentation Storage (DICOM Sup 243): what OHIF 3.13 exports; highdicom reads it as a LABELMAP SEG
+LABEL_MAP_SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 
 
 class SegImportError(InputError):
@@ -93,7 +95,7 @@ def labels_from_any_seg(seg: Dataset, source_datasets: Sequence[Dataset],
     """
     import highdicom as hd
 
-    if str(seg.get("SOPClassUID", "")) != SEG_STORAGE:
+    if str(seg.get("SOPClassUID", "")) not in (SEG_STORAGE, LABEL_MAP_SEG_STORAGE):
         raise SegImportError(f"not a DICOM SEG (SOP class {seg.get('SOPClassUID', 'missing')})")
     structures = segment_structures(seg, catalogue)
     try:
