@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from .catalogue import LabelCatalogue, Structure, load_catalogue
 from .dicom import stack_geometry
 from .errors import InputError
+from .labelmap_seg import labelmap_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +105,16 @@ def labels_from_any_seg(seg: Dataset, source_datasets: Sequence[Dataset],
     except InputError as e:
         raise SegImportError(f"the SEG's source series cannot be read: {e}") from e
     try:
-        hseg = seg if isinstance(seg, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg, copy=False)
         numbers = sorted(structures)
-        pixels = hseg.get_pixels_by_source_instance(
-            [ds.SOPInstanceUID for ds in ordered], segment_numbers=numbers, combine_segments=False,
-            ignore_spatial_locations=True, assert_missing_frames_are_empty=True, dtype=np.float32,
-        )  # (instances, rows, columns, segments)
+        if str(seg.SOPClassUID) == LABEL_MAP_SEG_STORAGE and "FrameContentSequence" not in \
+                seg.PerFrameFunctionalGroupsSequence[0]:  # OHIF 3.13's export: highdicom refuses it
+            pixels = labelmap_pixels(seg, ordered, numbers)
+        else:
+            hseg = seg if isinstance(seg, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg, copy=False)
+            pixels = hseg.get_pixels_by_source_instance(
+                [ds.SOPInstanceUID for ds in ordered], segment_numbers=numbers, combine_segments=False,
+                ignore_spatial_locations=True, assert_missing_frames_are_empty=True, dtype=np.float32,
+            )  # (instances, rows, columns, segments)
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise SegImportError(f"the SEG does not fit the series {ordered[0].SeriesInstanceUID}: {e}") from e
     if pixels.shape[1:3] != (int(ordered[0].Rows), int(ordered[0].Columns)):

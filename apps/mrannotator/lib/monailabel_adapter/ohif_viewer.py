@@ -65,7 +65,8 @@ def app_config() -> str:
         "dataSources": [data_source("__ORIGIN__/proxy/dicom")],
     }
     text = json.dumps(config, indent=2).replace('"__ORIGIN__', 'window.location.origin + "')
-    return f"/** MRAnnotator: written by the server (lib/monailabel_adapter/ohif_viewer.py). */\nwindow.config = {text};\n"
+    header = "/** MRAnnotator: written by the server (lib/monailabel_adapter/ohif_viewer.py). */"
+    return f"{header}\nwindow.config = {text};\n"
 
 
 def viewer_file(path: str, root: Path = VIEWER_DIR) -> Path:
