@@ -130,8 +130,17 @@ def _shown_instance(page) -> int:
 
 
 def _name_segment(page, name: str) -> None:
-    page.locator("[data-cy=actionsMenuTrigger]").first.click()
-    page.get_by_role("menuitem", name="Rename").click()
+    page.locator("[data-cy=actionsMenuTrigger]").first.wait_for(timeout=10_000)
+    time.sleep(1)  # the new segment's row settles (the panel re-renders it once)
+    for attempt in range(3):  # a re-render may close the menu just opened: open it again
+        page.locator("[data-cy=actionsMenuTrigger]").first.click()
+        try:
+            page.get_by_role("menuitem", name="Rename").click(timeout=5_000)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            page.keyboard.press("Escape")
     box = page.locator("[role=dialog] input")
     box.wait_for(timeout=10_000)
     box.fill(name)
@@ -212,7 +221,7 @@ def test_annotator_paints_erases_and_stores_a_seg_in_the_current_ohif(setup):
         browser = p.chromium.launch(executable_path=str(CHROMIUM),
                                     args=["--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader"])
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
             _open_segmentation_mode(page, setup["server"]["url"])
             drawn = _paint_and_store(page, setup)
         finally:
@@ -237,7 +246,31 @@ def test_annotator_paints_erases_and_stores_a_seg_in_the_current_ohif(setup):
           f"(brush {int(painted.sum())}, erased {int((painted & ~expected).sum())}); stored SEG: {int(stored.sum())}"
           f" voxels, {on_slice} on slice {k} (Dice {dice:.3f}), {on_mirror} on mirrored slice {n - 1 - k} "
           f"(Dice {dice_mirror:.3f}), slices with voxels {np.flatnonzero(per_slice).tolist()}")
+    flipped = expected[:, ::-1]  # left-right swapped in the plane: what a sagittal-style mirror would give
+    dice_flipped = 2 * (stored[k] & flipped).sum() / max(1, stored[k].sum() + flipped.sum())
+    print(f"Dice with the expected region left-right swapped: {dice_flipped:.3f}")
     assert set(np.unique(labels).tolist()) == {0, 5}  # catalogue id of Liver, by the segment's name
     assert k != n - 1 - k and expected.sum() > 50 and (painted & ~expected).sum() > 10
     assert int(stored.sum()) == on_slice + on_mirror, "voxels on slices that were never painted"
-    assert on_slice == int(stored.sum()) and dice > 0.8, "OHIF 3.13.2 mirrored the SEG frames on this series"
+    assert on_slice == int(stored.sum()), "OHIF 3.13.2 mirrored the SEG frames on this series"
+    # 3.5 mm pixels, a 25 mm brush and a canvas-to-voxel map from the body outline: edges differ by a voxel
+    assert dice > 0.7 and dice > dice_flipped + 0.3
+    _server_takes_it_as_final(setup, labels)
+
+
+def _server_takes_it_as_final(setup, labels: np.ndarray) -> None:
+    """The server lists the series as labelled; its final label is the stored SEG, voxel for voxel."""
+    import gzip
+
+    import nibabel as nib
+    import requests
+
+    url, series = setup["server"]["url"], str(setup["datasets"][0].SeriesInstanceUID)
+    time.sleep(3.5)  # the server re-reads the PACS listing after 3 s
+    objects = requests.get(f"{url}/datastore/?output=all", timeout=60).json()["objects"]
+    assert "final" in objects[series]["labels"], objects[series]
+    r = requests.get(f"{url}/datastore/label?label={series}&tag=final", timeout=120)
+    assert r.status_code == 200, r.text
+    final = np.asanyarray(nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).dataobj).transpose(2, 1, 0)
+    print(f"server's final label: {int((final > 0).sum())} voxels, {int((final != labels).sum())} differ from the SEG")
+    assert np.array_equal(final, labels)
