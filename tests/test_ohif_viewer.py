@@ -221,7 +221,7 @@ def test_annotator_paints_erases_and_stores_a_seg_in_the_current_ohif(setup):
         browser = p.chromium.launch(executable_path=str(CHROMIUM),
                                     args=["--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader"])
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
             _open_segmentation_mode(page, setup["server"]["url"])
             drawn = _paint_and_store(page, setup)
         finally:
