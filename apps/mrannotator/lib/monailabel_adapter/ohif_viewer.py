@@ -7,8 +7,9 @@ compiled in (Segmentation panel: add / delete / rename segments, brush, eraser, 
 one, with this server's own ``app-config.js``: one DICOMweb data source, the server's ``/proxy/dicom``
 (same origin: no CORS, the PACS credentials stay in the server), study list on, no other data source.
 
-The viewer's files are public (``roles.py``: a browser must load them to log in); every request for data
-goes through the proxy and MONAI Label routes, which check the token as before.
+The viewer's files need the user role, as /ohif/ (``roles.py``); every request for data goes through the proxy
+and MONAI Label routes, which check the token as before. Logging in from the browser (OIDC in app-config.js)
+is not done yet; it would need these files public (a browser loads them before it has a token).
 """
 
 from __future__ import annotations
