@@ -223,10 +223,12 @@ def test_annotator_paints_erases_and_stores_a_seg_in_the_current_ohif(setup):
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             _open_segmentation_mode(page, setup["server"]["url"])
+            opened = time.monotonic()
             drawn = _paint_and_store(page, setup)
         finally:
             browser.close()
-    print(f"browser part: {time.monotonic() - started:.0f} s")
+    print(f"browser part: {time.monotonic() - started:.0f} s (study list to segmentation mode {opened - started:.0f} s,"
+          f" scroll / paint / erase / store {time.monotonic() - opened:.0f} s)")
     datasets = setup["datasets"]
     order, _ = stack_geometry(datasets)
     ordered = [datasets[i] for i in order]

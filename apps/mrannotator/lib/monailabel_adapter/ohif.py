@@ -12,6 +12,8 @@ tests/test_pacs.py that fails when upstream behaves differently, so the fix can 
 3. The bundled OHIF panel takes the server URL from the ``MONAILABEL_SERVER_URL`` cookie, falling
    back to port 8000: a server on any other port is never reached. The viewer pages are served
    with that cookie set to the server they came from.
+4. Beside it, the current OHIF (3.13, with a segmentation mode a person can correct and save in) at
+   ``/viewer/``: :mod:`.ohif_viewer`.
 """
 
 from __future__ import annotations
