@@ -22,3 +22,10 @@ PY=${PYTHON:-python3.11}
 # Editable installs skip data-files: put the pydicom-3 compatibility hook for MONAI Label in place
 # (see src/_mrannotator_pydicom_compat.py; a wheel install ships it by itself).
 cp src/mrannotator-pydicom-compat.pth "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
+# The current OHIF (npm @ohif/app 3.13.2, its prebuilt dist, integrity pinned) the server serves at /viewer/:
+# fetched once here with `npm pack`, never at run time (scripts/install_ohif.py; apps/mrannotator/ohif_viewer/)
+if command -v npm >/dev/null 2>&1; then
+  .venv/bin/python scripts/install_ohif.py
+else
+  echo "npm not found: the OHIF viewer at /viewer/ is not installed (apt-get install npm; python scripts/install_ohif.py)" >&2
+fi

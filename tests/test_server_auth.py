@@ -115,7 +115,7 @@ def test_every_route_but_auth_needs_a_token_and_declares_it(server, realm):
             assert schema["paths"][path][method.lower()].get("security"), (method, path)
     # routes outside the schema too
     for method, path in [("GET", "/"), ("GET", "/docs"), ("GET", "/openapi.json"), ("POST", "/reload"),
-                         ("GET", "/ohif/index.html"), ("GET", "/proxy/dicom/qido/studies"),
+                         ("GET", "/ohif/index.html"), ("GET", "/viewer/"), ("GET", "/proxy/dicom/qido/studies"),
                          ("GET", "/static/x.css"), ("GET", "/favicon.ico"), ("GET", "/no/such/route")]:
         answers[(method, path)] = _call(server, method, path).status_code
     # /auth/ and /auth/token are open (login); /auth/token/valid checks the token itself

@@ -21,10 +21,13 @@ from pydicom.dataset import Dataset
 from ..catalogue import LabelCatalogue, Structure, load_catalogue
 from ..errors import InputError
 from .geometry import stack_geometry
+from .labelmap_seg import labelmap_pixels
 
 logger = logging.getLogger(__name__)
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+# Label Map Segmentation Storage (DICOM Sup 243): what OHIF 3.13 exports; highdicom reads it as a LABELMAP SEG
+LABEL_MAP_SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 
 
 class SegImportError(InputError):
@@ -94,7 +97,7 @@ def labels_from_seg(seg: Dataset, source_datasets: Sequence[Dataset],
     """
     import highdicom as hd
 
-    if str(seg.get("SOPClassUID", "")) != SEG_STORAGE:
+    if str(seg.get("SOPClassUID", "")) not in (SEG_STORAGE, LABEL_MAP_SEG_STORAGE):
         raise SegImportError(f"not a DICOM SEG (SOP class {seg.get('SOPClassUID', 'missing')})")
     structures = segment_structures(seg, catalogue)
     try:
@@ -103,12 +106,16 @@ def labels_from_seg(seg: Dataset, source_datasets: Sequence[Dataset],
     except InputError as e:
         raise SegImportError(f"the SEG's source series cannot be read: {e}") from e
     try:
-        hseg = seg if isinstance(seg, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg, copy=False)
         numbers = sorted(structures)
-        pixels = hseg.get_pixels_by_source_instance(
-            [ds.SOPInstanceUID for ds in ordered], segment_numbers=numbers, combine_segments=False,
-            ignore_spatial_locations=True, assert_missing_frames_are_empty=True, dtype=np.float32,
-        )  # (instances, rows, columns, segments)
+        if str(seg.SOPClassUID) == LABEL_MAP_SEG_STORAGE and "FrameContentSequence" not in \
+                seg.PerFrameFunctionalGroupsSequence[0]:  # OHIF 3.13's export: highdicom refuses it
+            pixels = labelmap_pixels(seg, ordered, numbers)
+        else:
+            hseg = seg if isinstance(seg, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg, copy=False)
+            pixels = hseg.get_pixels_by_source_instance(
+                [ds.SOPInstanceUID for ds in ordered], segment_numbers=numbers, combine_segments=False,
+                ignore_spatial_locations=True, assert_missing_frames_are_empty=True, dtype=np.float32,
+            )  # (instances, rows, columns, segments)
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise SegImportError(f"the SEG does not fit the series {ordered[0].SeriesInstanceUID}: {e}") from e
     if pixels.shape[1:3] != (int(ordered[0].Rows), int(ordered[0].Columns)):

@@ -12,6 +12,8 @@ tests/test_pacs.py that fails when upstream behaves differently, so the fix can 
 3. The bundled OHIF panel takes the server URL from the ``MONAILABEL_SERVER_URL`` cookie, falling
    back to port 8000: a server on any other port is never reached. The viewer pages are served
    with that cookie set to the server they came from.
+4. Beside it, the current OHIF (3.13, with a segmentation mode a person can correct and save in) at
+   ``/viewer/``: :mod:`.ohif_viewer`.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def apply() -> None:
         return
     from monailabel.endpoints import ohif
 
-    from . import dicomweb_proxy
+    from . import dicomweb_proxy, ohif_viewer
 
     ohif.get_ohif = fixed_get_ohif
     dicomweb_proxy.install()
@@ -95,5 +97,6 @@ def apply() -> None:
         route = APIRoute(f"{settings.MONAI_LABEL_API_STR}/ohif/{{path:path}}", _ohif_route_with_cookie(),
                          methods=["GET"], include_in_schema=False)
         server.app.router.routes.insert(0, route)
+        ohif_viewer.install(server.app)  # the current OHIF, with the segmentation mode, at /viewer/
     _applied = True
     logger.info("applied OHIF fixes: nested asset paths, DICOMweb proxy, server URL cookie")
