@@ -9,6 +9,8 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   for pkg in dicom3tools orthanc orthanc-dicomweb chromium; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing_pkgs="$missing_pkgs $pkg"
   done
+  # npm fetches the OHIF viewer's built dist once, here (scripts/install_ohif.py)
+  command -v npm >/dev/null 2>&1 || missing_pkgs="$missing_pkgs npm"
   if [ -n "$missing_pkgs" ]; then
     # the orthanc package may start Debian's system service (port 8042/4242); the project never uses it and
     # runs its own Orthanc (scripts/orthanc.py): `systemctl disable --now orthanc` if it is not wanted
