@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import orthanc_support
 import pydicom
 import pytest
-from dicom_fixtures import write_series
 
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing import orthanc_support
+from mrannotator.testing.dicom_fixtures import write_series
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
