@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from scipy import ndimage
-from server_support import client_status, start_server, stop_server
 
 from mrannotator.catalogue import load_catalogue
 from mrannotator.orientation import voxel_spacing
 from mrannotator.sites import make_site_phantom
+from mrannotator.testing.server_support import client_status, start_server, stop_server
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 CAT = load_catalogue()
