@@ -68,6 +68,7 @@ class Skip:
     description: str = ""
     pseudo_key: str = ""
     private: bool = False
+    series_uid: str = ""  # a refused DICOM series
 
 
 @dataclass
@@ -106,7 +107,7 @@ def refuse_split(plan: Plan) -> Plan:
 def split_skip(case: Case, other: str) -> Skip:
     return Skip(case.name, case.path, f"{SPLIT_SERIES}: its SeriesInstanceUID is also in {other}; put all its files "
                 "in one folder", case.series_number, case.header.get("SeriesDescription", ""), case.pseudo_key,
-                case.private)
+                case.private, case.series_uid)
 
 
 def join_part(plan: Plan, part: Plan) -> None:
@@ -163,7 +164,7 @@ class _Namer:
 
     def __init__(self, names: Pseudonyms | None):
         self.names, self.used = names, set()
-        self.uids: dict[str, tuple[str, str]] = {}  # series UID -> (folder, case name) of its first folder
+        self.uids: dict[str, tuple[str, Case | Skip]] = {}  # series UID -> its first folder and case
 
     def __call__(self, part: Plan) -> Plan:
         if self.names is not None:
@@ -174,14 +175,31 @@ class _Namer:
         make_unique(part.skipped, "case", make_unique(part.cases, used=self.used))
         kept = []
         for c in part.cases:
-            first = self.uids.setdefault(c.series_uid, (c.path, c.name)) if c.series_uid else None
-            if first is None or first[0] == c.path:  # the same folder twice (two manifest rows): not split
+            if not self._split(c, c.series_uid, c.path, part):
                 kept.append(c)
-                continue
-            part.split.append(first[1])
-            part.skipped.append(split_skip(c, f"the folder of case {first[1]}"))
+        for s in list(part.skipped):
+            self._split(s, s.series_uid, s.path, part)
         part.cases = kept
         return part
+
+    def _split(self, item: Case | Skip, uid: str, folder: str, part: Plan) -> bool:
+        """Whether ``item`` (accepted or refused) is a series another folder also has; if so it is refused (in
+        ``part``) and so is the first folder's (a case: listed in ``part.split``; a refused series: its reason)."""
+        first_folder, first = self.uids.setdefault(uid, (folder, item)) if uid else (folder, item)
+        if first_folder == folder:  # the same folder twice (two manifest rows): not split
+            return False
+        name = first.name if isinstance(first, Case) else first.case
+        if isinstance(first, Case):
+            part.split.append(first.name)
+        elif not first.error.startswith(SPLIT_SERIES):
+            first.error = f"{SPLIT_SERIES}: its SeriesInstanceUID is also in another folder; put all its files in " \
+                          f"one folder (this folder alone: {first.error})"
+        if isinstance(item, Case):
+            part.skipped.append(split_skip(item, f"the folder of case {name}"))
+        elif not item.error.startswith(SPLIT_SERIES):
+            item.error = f"{SPLIT_SERIES}: its SeriesInstanceUID is also in the folder of case {name}; put all its " \
+                         f"files in one folder (this folder alone: {item.error})"
+        return True
 
 
 @dataclass
@@ -266,7 +284,7 @@ def _folder_cases(row: _Row, folder: str, items: list[Found], fixed) -> Plan:
         name = safe_name(base if n_series == 1 else f"{base}_S{f.series_number or f.uid[-8:]}")
         if f.error:
             plan.skipped.append(Skip(name, folder, f.error, f.series_number, f.header.get("SeriesDescription", ""),
-                                     pseudo_key=key))
+                                     pseudo_key=key, series_uid=f.uid))
         else:
             plan.cases.append(Case(name=name, path=folder, kind="dicom", files=f.files,
                                    route=_route(fixed, f.header), series_uid=f.uid, series_number=f.series_number,
