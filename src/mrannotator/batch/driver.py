@@ -92,25 +92,26 @@ class _LazySession:
         self.error: BaseException | None = None
 
     def get(self):
-        if self.session is None and threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
             self.wanted.set()
-            self.ready.wait()
+            self.ready.wait()  # set once the main thread has connected (or failed to)
             if self.error is not None:
                 raise self.error
+            return self.session
         if self.session is None:
-            self.session = connect(self.address, log_dir=self.out / LOG_DIR)
-        return self.session
-
-    def serve(self) -> None:
-        """In the main thread: start Ray if the planning thread asked for it."""
-        if self.wanted.is_set() and not self.ready.is_set():
             try:
-                self.get()
+                self.session = connect(self.address, log_dir=self.out / LOG_DIR)
             except BaseException as e:
                 self.error = e
                 raise
             finally:
                 self.ready.set()
+        return self.session
+
+    def serve(self) -> None:
+        """In the main thread: start Ray if the planning thread asked for it."""
+        if self.wanted.is_set() and not self.ready.is_set():
+            self.get()
 
     def scan_map(self, func, items: list[tuple]):
         """Planning's map: each item is one task's share of DICOM folders (about FILES_PER_TASK files); one share
