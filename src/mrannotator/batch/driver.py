@@ -21,11 +21,12 @@ from pathlib import Path
 
 from ..errors import InputError, MRAnnotatorError
 from ..weights import load_weights
-from .cluster import LOG_DIR, ClusterError, cases_in_flight, connect, default_workers, ray_imap, start_workers
+from .cluster import LOG_DIR, ClusterError, cases_in_flight, connect, ray_imap
 from .feed import PlanFeed, refuse_split
 from .inputs import Case, Plan, plan_inputs, serial_map
 from .ledger import Ledger, remove_stale_temporaries, same_key, weights_version
 from .naming import Pseudonyms
+from .pool import Pool, first_cases
 from .progress import Progress
 from .tables import write_plan, write_tables
 
@@ -208,46 +209,30 @@ def _paths_to_check(source: Path, out: Path, todo: list[Case], most: int = 50) -
     return list(paths)
 
 
-def _first_cases(feed: PlanFeed, ray_session: _LazySession, progress: Progress) -> list[Case]:
-    """Wait for the first cases to process (or the end of planning), starting Ray when planning asks for it."""
-    while True:
-        ray_session.serve()
-        todo = feed.poll(timeout=0.1)
-        progress.add(**feed.take_counts())
-        if todo or feed.finished.is_set():
-            return todo + feed.poll()
-
-
 def _process(feed: PlanFeed, ledger: Ledger, run: dict, worker_args: dict, *, ray_session, source, workers,
              threads_per_worker, gpus_per_worker, worker_resources, retry, quiet, on_record):
-    """Run the cases ``feed`` plans on Ray workers, started when the first case to process is planned; returns
-    (number of workers, counters)."""
+    """Run the cases ``feed`` plans on Ray workers (:class:`.pool.Pool`); returns (number of workers, counters)."""
     progress = Progress(0, 0, 0, quiet)
+    pool = Pool(ray_session, worker_args, workers, threads_per_worker, gpus_per_worker, worker_resources,
+                 early=not feed.records)
     try:
-        todo = _first_cases(feed, ray_session, progress)
+        todo = first_cases(feed, pool, progress)
         if not todo:
             feed.poll()  # planning's own error, if any
             return 0, Counter()
-        session = ray_session.get()
-        try:
-            n = workers or default_workers(threads_per_worker, gpus_per_worker)
-            if feed.finished.is_set():
-                n = min(n, len(todo))
-            actors = start_workers(session, n, worker_args, threads_per_worker, gpus_per_worker, worker_resources)
-            dispatch = _Dispatcher(actors, todo, retry, ledger, run, progress, on_record,
-                                   in_flight=cases_in_flight(gpus_per_worker),
-                                   check_paths=_paths_to_check(source, Path(worker_args["out_dir"]), todo),
-                                   feed=feed)
-            dispatch.run()
-            return n, dispatch.stats
-        finally:
-            session.end_workers()
+        actors = pool.start(cap=None if workers or not feed.finished.is_set() else len(todo))
+        dispatch = _Dispatcher(actors, todo, retry, ledger, run, progress, on_record,
+                               in_flight=cases_in_flight(gpus_per_worker),
+                               check_paths=_paths_to_check(source, Path(worker_args["out_dir"]), todo), feed=feed)
+        dispatch.run()
+        return pool.n, dispatch.stats
     except KeyboardInterrupt:
         progress.close()
         print(f"mrannotator batch: interrupted; {ledger.folder} keeps every finished case: run the same "
               "command again to finish the rest", file=sys.stderr)
         raise
     finally:
+        pool.close()
         progress.close()
 
 
