@@ -205,9 +205,9 @@ def ray_map(func, items: list[tuple], per_task: int = 8) -> list:
 
 def ray_imap(func, items: list[tuple], window: int | None = None):
     """``func(*args)`` for each item, yielded in order as each is ready, one Ray task per item, at most ``window``
-    (default: the cluster's CPUs) in flight. The tasks ask for no CPU, so that they run next to batch workers that
-    hold every CPU (on 2 cores: 1 worker segments while planning goes on) and are spread over the nodes; the
-    window bounds how many run at once. One item is computed in this process."""
+    in flight (default: half the cluster's CPUs, so that the workers' model loading is not starved). The tasks ask
+    for no CPU, so that they run next to batch workers that hold every CPU (on 2 cores: 1 worker segments while
+    planning goes on), and are spread over the nodes. One item is computed in this process."""
     items = list(items)
     if len(items) <= 1:
         yield from serial_map(func, items)
@@ -216,7 +216,7 @@ def ray_imap(func, items: list[tuple], window: int | None = None):
 
     import ray
 
-    window = window or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    window = window or max(1, int(ray.cluster_resources().get("CPU", 1)) // 2)  # the other half: workers start
     task = ray.remote(num_cpus=0, max_retries=2, scheduling_strategy="SPREAD")(func)
     refs: deque = deque()
     for args in items:
