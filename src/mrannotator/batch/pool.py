@@ -16,13 +16,15 @@ class Pool:
                  worker_resources, early: bool):
         self.ray_session, self.worker_args, self.early = ray_session, worker_args, early
         self.shape = (threads_per_worker, gpus_per_worker, worker_resources)
-        self.n = workers or default_workers(threads_per_worker, gpus_per_worker)
+        self.workers, self.n = workers, 0
         self.actors: list | None = None
 
     def start(self, cap: int | None = None) -> list:
         if self.actors is None:
-            self.n = min(self.n, cap) if cap else self.n
             threads, gpus, resources = self.shape
+            self.ray_session.get()
+            self.n = self.workers or default_workers(threads, gpus)  # the cluster's CPUs / GPUs: Ray is up
+            self.n = min(self.n, cap) if cap else self.n
             self.actors = start_workers(self.ray_session.get(), self.n, self.worker_args, threads, gpus, resources)
         return self.actors
 
