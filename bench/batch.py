@@ -1,7 +1,7 @@
 """Cohort throughput: `mrannotator segment` per case vs one in-process Segmenter loop vs `mrannotator batch` on Ray.
 
     python bench/batch.py [--cases 40] [--cli-cases 40] [--generators ...] [--weights models/demo]
-                          [--out bench/results/batch.json]
+                          [--parts a,b,b1,c,d,e,f [--merge]] [--out bench/results/batch.json]
 
 On the same N phantoms (NIfTI, every region in turn, all four region models run on each):
   (a) N `mrannotator segment` processes, one after the other (models load N times);
@@ -197,25 +197,33 @@ print(json.dumps({{"cases": len(serial.cases), "serial_s": round(serial_s, 2), "
 
 
 def summarise(res: dict, n: int) -> dict:
+    """Ratios of what was run (a partial run, e.g. ``--parts b,c``, gives the ratios it can)."""
     per_min = {k: round(60.0 * n / v["wall_s"], 2) for k, v in res.items() if "wall_s" in v}
-    best = max(per_min["c_batch_1_worker"], per_min["c_batch_2_worker"])
-    one = res["c_batch_1_worker"]
-    routed, alone = res["d_batch_routed_1_worker"], res["e_routed_model_alone_loop"]
-    return {
-        "cases_per_min": per_min,
-        "best_batch_vs_loop": round(best / per_min["b_in_process_loop"], 2),
-        "best_batch_vs_cli": round(best / per_min["a_cli_per_case"], 2),
-        "ray_overhead_per_case_s": round((one["wall_s"] - one["worker_case_s"]) / n, 2),
-        "best_batch_vs_loop_1_thread": round(best / per_min["b1_in_process_loop_1_thread"], 2),
-        "steady_state_s_per_case": {"b_loop": round(res["b_in_process_loop"]["loop_s"] / n, 3),
-                                    "b1_loop_1_thread": round(res["b1_in_process_loop_1_thread"]["loop_s"] / n, 3),
-                                    "c_batch_1_worker": one["steady_s_per_case"],
-                                    "c_batch_2_worker": res["c_batch_2_worker"]["steady_s_per_case"],
-                                    "d_batch_routed": routed["steady_s_per_case"],
-                                    "e_model_alone": round(alone["loop_s"] / n, 3)},
-        "routed_batch_vs_model_alone": {"wall": round(routed["wall_s"] / alone["wall_s"], 2),
-                                        "steady_state": round(routed["steady_s_per_case"] / (alone["loop_s"] / n), 2)},
-    }
+    out: dict = {"cases_per_min": per_min}
+    batch = {k: per_min[k] for k in ("c_batch_1_worker", "c_batch_2_worker") if k in per_min}
+    best = max(batch.values()) if batch else None
+    for key, base in (("best_batch_vs_loop", "b_in_process_loop"), ("best_batch_vs_cli", "a_cli_per_case"),
+                      ("best_batch_vs_loop_1_thread", "b1_in_process_loop_1_thread")):
+        if best and base in per_min:
+            out[key] = round(best / per_min[base], 2)
+    if "b_in_process_loop" in per_min:
+        out["batch_vs_loop"] = {k: round(v / per_min["b_in_process_loop"], 2) for k, v in batch.items()}
+    steady = {"b_loop": ("b_in_process_loop", "loop_s"), "b1_loop_1_thread": ("b1_in_process_loop_1_thread", "loop_s"),
+              "e_model_alone": ("e_routed_model_alone_loop", "loop_s")}
+    out["steady_state_s_per_case"] = {k: round(res[r][f] / n, 3) for k, (r, f) in steady.items() if r in res}
+    for k, r in (("c_batch_1_worker", "c_batch_1_worker"), ("c_batch_2_worker", "c_batch_2_worker"),
+                 ("d_batch_routed", "d_batch_routed_1_worker")):
+        if r in res:
+            out["steady_state_s_per_case"][k] = res[r]["steady_s_per_case"]
+    if "c_batch_1_worker" in res:
+        one = res["c_batch_1_worker"]
+        out["ray_overhead_per_case_s"] = round((one["wall_s"] - one["worker_case_s"]) / n, 2)
+    if "d_batch_routed_1_worker" in res and "e_routed_model_alone_loop" in res:
+        routed, alone = res["d_batch_routed_1_worker"], res["e_routed_model_alone_loop"]
+        out["routed_batch_vs_model_alone"] = {"wall": round(routed["wall_s"] / alone["wall_s"], 2),
+                                              "steady_state": round(routed["steady_s_per_case"] / (alone["loop_s"] / n),
+                                                                    2)}
+    return out
 
 
 def main(argv=None) -> int:
@@ -228,17 +236,20 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", type=Path, default=ROOT / "models" / "demo")
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the figures")
     ap.add_argument("--parts", default=",".join(PARTS),
-                    help="configurations to run; with fewer than all, they replace theirs in an existing --out")
+                    help="configurations to run (all of them in one run, e.g. b,c: loop and batch 1 / 2 workers)")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --parts: replace these configurations' figures in an existing --out")
     args = ap.parse_args(argv)
     parts = tuple(args.parts.split(","))
     if set(parts) - set(PARTS):
         ap.error(f"--parts: unknown {sorted(set(parts) - set(PARTS))}; choose from {','.join(PARTS)}")
-    if set(parts) != set(PARTS) and not (args.out and args.out.is_file()):
-        ap.error("--parts with fewer than all configurations needs an existing --out to merge into")
+    merge = set(parts) != set(PARTS) and args.merge
+    if merge and not (args.out and args.out.is_file()):
+        ap.error("--merge needs an existing --out to merge into")
     with tempfile.TemporaryDirectory(prefix="mra-bench-batch-") as tmp:
         res = bench(args.cases, args.cli_cases or args.cases, tuple(args.generators), args.weights.resolve(),
                     Path(tmp), parts)
-    if set(parts) != set(PARTS) and args.out and args.out.is_file():  # a partial re-run: merged, and said so
+    if merge:  # a partial re-run merged into an earlier report, and said so
         old = json.loads(args.out.read_text())
         rerun = {"parts": list(parts), "date": datetime.now(UTC).isoformat(timespec="minutes"),
                  "command": " ".join(["python", "bench/batch.py", *sys.argv[1:]]), "replaced": {
@@ -249,7 +260,7 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(old, indent=2) + "\n")
         print(json.dumps(old["summary"], indent=2))
         return 0
-    report = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "cases": args.cases,
+    report = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "cases": args.cases, "parts": list(parts),
               "generators": args.generators, "command": " ".join(["python", "bench/batch.py", *sys.argv[1:]]),
               "machine": f"{platform.node()} {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB",
               "load_average_at_start": LOAD_AT_START, "load_average_at_end": [round(x, 1) for x in os.getloadavg()],

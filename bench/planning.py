@@ -137,6 +137,8 @@ def main() -> int:
     ap.add_argument("--counts", type=int, nargs="+", default=[2500, 5000, 10000, 20000])
     ap.add_argument("--work", type=Path, default=Path("/tmp/planning_bench"))
     ap.add_argument("--first-case", action="store_true")
+    ap.add_argument("--first-case-only", action="store_true",
+                    help="only the first-case run, on the DICOM tree already in --work (of max(--counts) files)")
     ap.add_argument("--weights", type=Path, default=ROOT / "models" / "demo")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "planning.json")
     args = ap.parse_args()
@@ -144,7 +146,7 @@ def main() -> int:
     cli = [sys.executable, "-m", "mrannotator.cli", "batch", "--weights", str(args.weights)]
     results = {"date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC", "machine": f"{platform.node()}, "
                f"{os.cpu_count()} cores", "load_at_start": [round(x, 1) for x in os.getloadavg()], "rows": []}
-    for n in sorted(args.counts):
+    for n in [] if args.first_case_only else sorted(args.counts):
         shutil.rmtree(args.work, ignore_errors=True)
         t = time.perf_counter()
         write_dicom_tree(args.work / "dicom", n)
@@ -160,7 +162,7 @@ def main() -> int:
         row["load"] = [round(x, 1) for x in os.getloadavg()]
         print(json.dumps(row), flush=True)
         results["rows"].append(row)
-    if args.first_case:
+    if args.first_case or args.first_case_only:
         out = args.work / "out_first"
         results["first_case"] = measured([*cli, "-i", str(args.work / "dicom"), "-o", str(out), "--workers", "1",
                                           "--regions", "knee", "--quiet"], env, first_record=out / "ledger")

@@ -722,3 +722,108 @@ def test_worker_that_cannot_see_input_takes_no_case_and_the_batch_says_which_nod
         ray.shutdown()
     assert err.value.exit_code == 4 and "on node" in str(err.value)
     assert not (tmp_path / "out" / "ledger").exists()  # no case was taken
+
+
+def _split_and_echo_tree(root: Path) -> dict:
+    """A knee series split over two folders (slices 1..k, k+1..n; the second half alone misses its first slices)
+    and a two-echo series in one folder (echo 2 twice as bright)."""
+    knee = make_phantom("knee", seed=5).image
+    data = np.asanyarray(knee.dataobj)
+    k = data.shape[2] // 2
+    shifted = knee.affine.copy()
+    shifted[:3, 3] += knee.affine[:3, 2] * k
+    split = pydicom.uid.generate_uid()
+    write_series(nib.Nifti1Image(data[:, :, :k], knee.affine), root / "P1" / "S1" / "SER1", body_part="KNEE",
+                 series_instance_uid=split)
+    write_series(nib.Nifti1Image(data[:, :, k:], shifted), root / "P1" / "S1" / "SER2", body_part="KNEE",
+                 series_instance_uid=split, first_instance_number=k + 1, prefix="b")
+    echoes = {"series_instance_uid": pydicom.uid.generate_uid(), "series_number": 3, "body_part": "KNEE"}
+    write_series(knee, root / "P2" / "ME", headers={"EchoTime": "10"}, prefix="e1", **echoes)
+    write_series(nib.Nifti1Image(data * 2, knee.affine), root / "P2" / "ME", headers={"EchoTime": "20"}, prefix="e2",
+                 **echoes)
+    return {"split": ["P1_S1_SER1", "P1_S1_SER2"], "echo": "P2_ME"}
+
+
+def test_stack_option_reaches_planning_and_the_worker_read(tmp_path):
+    """--stack picks the same stack of a multi-echo series in planning and in the worker's read."""
+    from mrannotator.batch.worker import read_case
+    from mrannotator.errors import InputError
+    from mrannotator.imageio import load_image
+
+    names = _split_and_echo_tree(tmp_path)
+    folder = tmp_path / "P2" / "ME"
+    volumes = {s: np.asarray(load_image(load_series(find_series(folder, stack=s).choose())).dataobj)
+               for s in ("echo=1", "echo=2")}
+    assert not np.array_equal(volumes["echo=1"], volumes["echo=2"])
+    for stack, want in ((None, "echo=1"), ("echo=2", "echo=2")):
+        plan = plan_inputs(tmp_path, stack=stack)
+        (case,) = [c for c in plan.cases if c.name == names["echo"]]
+        assert case.stack == want
+        assert np.array_equal(np.asarray(read_case(case).dataobj), volumes[want])
+    with pytest.raises(InputError, match="stack"):
+        plan_inputs(tmp_path, stack="echo")  # malformed: refused before anything is read
+    # the split series: both folders refused with the reason, nothing else planned for them
+    plan = plan_inputs(tmp_path)
+    assert [c.name for c in plan.cases] == [names["echo"]]
+    refused = {s.case: s.error for s in plan.skipped}
+    assert sorted(refused) == names["split"]
+    assert all(e.startswith("series split across folders") for e in refused.values())
+    code = main(["batch", "-i", str(tmp_path), "-o", str(tmp_path / "plan"), "--stack", "echo=2", "--dry-run",
+                 "--folder-names"])
+    import pandas as pd
+
+    rows = pd.read_csv(tmp_path / "plan" / "plan.csv").set_index("case")
+    assert code == 0 and rows.loc[names["echo"], "status"] == "planned"
+    assert (rows.loc[names["split"], "status"] == "refused").all()
+
+
+def test_cases_dispatched_while_planning_goes_on_and_split_series_refused(tmp_path, demo_weights, segmenter,
+                                                                         monkeypatch):
+    """Planning is held after the first folder until a case has come back: the batch must be dispatching while
+    planning goes on (a batch that waited for the whole plan would wait here until the gate's safety limit). The
+    first folder is half of a split series: segmented before the split showed, then refused with its outputs
+    removed; every input is in the cases table once; a second run does nothing. --stack reaches the worker."""
+    import threading
+
+    import pandas as pd
+
+    from mrannotator.batch import driver
+    from mrannotator.imageio import load_image
+
+    names = _split_and_echo_tree(tmp_path / "in")
+    first_back, gate = threading.Event(), {}
+
+    def gated_map(self, func, items):  # one folder per item (FILES_PER_TASK 1), read in the planning thread
+        for i, args in enumerate(items):
+            if i == 1:
+                gate["passed"] = first_back.wait(timeout=300)
+            yield func(*args)
+
+    monkeypatch.setattr("mrannotator.batch.scan.FILES_PER_TASK", 1)
+    monkeypatch.setattr(driver._LazySession, "scan_map", gated_map)
+    order = []
+    out = tmp_path / "out"
+    kw = {"regions": ["knee"], "weights": demo_weights, "quiet": True, "workers": 1, "private": False,
+          "stack": "echo=2", "on_record": lambda rec: (order.append(rec["case"]), first_back.set())}
+    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
+    try:
+        first = run_batch(tmp_path / "in", out, **kw)
+        second = run_batch(tmp_path / "in", out, **kw)
+    finally:
+        ray.shutdown()
+    assert gate["passed"] and order[0] == names["split"][0]  # segmented before the second folder was read
+    cases = pd.read_csv(out / "cases.csv").fillna("").set_index("case")
+    assert sorted(cases.index) == sorted([*names["split"], names["echo"]])
+    assert list(cases.loc[names["split"], "status"]) == ["refused", "refused"]
+    assert cases.loc[names["split"], "error"].str.startswith("series split across folders").all()
+    assert not list(out.glob(names["split"][0] + "_*"))  # its outputs removed
+    assert cases.loc[names["echo"], "status"] == "done"
+    record = json.loads((out / "ledger" / f"{names['echo']}.json").read_text())
+    assert record["stack"] == "echo=2"
+    echo2 = load_image(load_series(find_series(tmp_path / "in" / "P2" / "ME", stack="echo=2").choose()))
+    want = segmenter.segment(echo2, regions=("knee",))
+    assert np.array_equal(_labels(out / f"{names['echo']}_seg.nii.gz"), np.asarray(want.labels.dataobj))
+    assert (first.processed, first.failed, first.total) == (2, 2, 2)
+    assert (second.processed, second.already_done, second.failed) == (0, 2, 2)
+    assert pd.read_csv(out / "cases.csv").fillna("").set_index("case").drop(columns=IGNORED_COLUMNS).equals(
+        cases.drop(columns=IGNORED_COLUMNS))

@@ -8,7 +8,8 @@
 The same as ``mrannotator batch -i INPUT -o OUT``. Modules: :mod:`.inputs` (cases from NIfTI files, DICOM
 trees, CSV manifests), :mod:`.routing` (header keywords -> regions), :mod:`.worker` (the Ray actor holding a
 Segmenter), :mod:`.cluster` (Ray), :mod:`.driver` (dispatch, retries, progress), :mod:`.ledger` (resume),
-:mod:`.tables` (cohort outputs), :mod:`.cli` (the subcommand), :mod:`.scan` (walking a tree, reading DICOM
+:mod:`.tables` (cohort outputs), :mod:`.cli` (the subcommand), :mod:`.feed` (the plan streamed to the dispatcher),
+:mod:`.pool` (the workers), :mod:`.scan` (walking a tree, reading DICOM
 headers per folder), :mod:`.naming` (safe and private case names), :mod:`.progress` (the progress line).
 """
 

@@ -31,6 +31,9 @@ def add_cli(subparsers) -> None:
     b.add_argument("--regions", nargs="+", default=None,
                    help="regions to run on every case, or 'auto' (default): DICOM series by their header keywords "
                         "(BodyPartExamined, descriptions, protocol), NIfTI files all regions")
+    b.add_argument("--stack", metavar="KEY", default=None,
+                   help="DICOM series of several 3D stacks: the one to segment in every such series, e.g. echo=2, "
+                        "b=1000, time=3 (default: first echo, b=0, first time point; see `segment --stack`)")
     b.add_argument("--weights", default=None, help="weights folder (default: installed release, else demo)")
     b.add_argument("--fast", action="store_true", help="bf16 / fp16 inference (see `segment --fast`)")
     b.add_argument("--retry", type=int, default=2, help="times a case is retried when its worker process dies")
@@ -51,7 +54,8 @@ def cmd_batch(args) -> int:
     summary = run_batch(args.input, args.output, address=args.address, workers=args.workers,
                         gpus_per_worker=args.gpus_per_worker, threads_per_worker=args.threads_per_worker,
                         regions=regions, fast=args.fast, retry=args.retry, quiet=args.quiet, preview=args.preview,
-                        weights=args.weights, private=not args.folder_names, dry_run=args.dry_run)
+                        weights=args.weights, private=not args.folder_names, dry_run=args.dry_run,
+                        stack=args.stack)
     if args.dry_run:
         print(f"{summary.total} cases planned, {summary.failed} refused, {summary.sidecars} sidecar files ignored; "
               f"plan in {summary.tables['plan']}", file=sys.stderr)

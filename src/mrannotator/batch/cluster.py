@@ -203,6 +203,30 @@ def ray_map(func, items: list[tuple], per_task: int = 8) -> list:
     return [r for chunk in ray.get(refs) for r in chunk]
 
 
+def ray_imap(func, items: list[tuple], window: int | None = None):
+    """``func(*args)`` for each item, yielded in order as each is ready, one Ray task per item, at most ``window``
+    in flight (default: half the cluster's CPUs, so that the workers' model loading is not starved). The tasks ask
+    for no CPU, so that they run next to batch workers that hold every CPU (on 2 cores: 1 worker segments while
+    planning goes on), and are spread over the nodes. One item is computed in this process."""
+    items = list(items)
+    if len(items) <= 1:
+        yield from serial_map(func, items)
+        return
+    from collections import deque
+
+    import ray
+
+    window = window or max(1, int(ray.cluster_resources().get("CPU", 1)) // 2)  # the other half: workers start
+    task = ray.remote(num_cpus=0, max_retries=2, scheduling_strategy="SPREAD")(func)
+    refs: deque = deque()
+    for args in items:
+        refs.append(task.remote(*args))
+        if len(refs) >= window:
+            yield ray.get(refs.popleft())
+    while refs:
+        yield ray.get(refs.popleft())
+
+
 def default_workers(threads_per_worker: int, gpus_per_worker: float) -> int:
     """As many workers as the cluster's GPUs (GPU workers) or CPUs (CPU workers) allow, at least one."""
     import ray

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import uuid
 from collections import Counter, deque
@@ -20,10 +21,12 @@ from pathlib import Path
 
 from ..errors import InputError, MRAnnotatorError
 from ..weights import load_weights
-from .cluster import LOG_DIR, ClusterError, cases_in_flight, connect, default_workers, ray_map, start_workers
+from .cluster import LOG_DIR, ClusterError, cases_in_flight, connect, ray_imap
+from .feed import PlanFeed, refuse_split
 from .inputs import Case, Plan, plan_inputs, serial_map
-from .ledger import Ledger, finished_cases, remove_stale_temporaries, same_key, weights_version
+from .ledger import Ledger, remove_stale_temporaries, same_key, weights_version
 from .naming import Pseudonyms
+from .pool import Pool, first_cases
 from .progress import Progress
 from .tables import write_plan, write_tables
 
@@ -56,12 +59,14 @@ def run_batch(source: str | Path, out_dir: str | Path, *, address: str | None = 
               fast: bool = False, retry: int = 2, quiet: bool = False, preview: bool = False,
               weights: str | Path | None = None, worker_resources: dict | None = None,
               on_record: Callable[[dict], None] | None = None, private: bool = True,
-              dry_run: bool = False) -> BatchSummary:
+              dry_run: bool = False, stack: str | None = None) -> BatchSummary:
     """Segment every case of ``source`` (NIfTI files, DICOM tree or CSV manifest) into ``out_dir`` on Ray.
 
     Re-running the same call after a crash or Ctrl-C finishes the remaining cases only. ``on_record`` is called
     in the driver with each case's ledger record as it arrives. ``private``: DICOM cases named by pseudonyms
-    (key in OUT/private). ``dry_run``: plan only, write ``OUT/plan.csv`` and return.
+    (key in OUT/private). ``dry_run``: plan only, write ``OUT/plan.csv`` and return. ``stack``: the 3D stack of
+    DICOM series that hold several (``echo=2``, ``b=1000``...; default the first). Cases are dispatched as soon as
+    their folder is planned, while planning goes on.
     """
     t0 = time.perf_counter()
     out = Path(os.path.abspath(out_dir))
@@ -73,32 +78,53 @@ def run_batch(source: str | Path, out_dir: str | Path, *, address: str | None = 
         return _run(source, out, ray_session, t0, workers=workers, gpus_per_worker=gpus_per_worker,
                     threads_per_worker=threads_per_worker, regions=regions, fast=fast, retry=retry, quiet=quiet,
                     preview=preview, weights=weights, worker_resources=worker_resources, on_record=on_record,
-                    private=private, dry_run=dry_run)
+                    private=private, dry_run=dry_run, stack=stack)
     finally:
         ray_session.close()
 
 
 class _LazySession:
-    """Ray, joined or started on first use: a small input is planned without it, a finished one never starts it."""
+    """Ray, joined or started on first use: a small input is planned without it, a finished one never starts it.
+    Ray is started in the main thread: the planning thread asks for it and waits (:meth:`serve`)."""
 
     def __init__(self, address: str | None, out: Path, in_driver: bool = False):
         self.address, self.out, self.session, self.in_driver = address, out, None, in_driver
+        self.wanted, self.ready = threading.Event(), threading.Event()
+        self.error: BaseException | None = None
 
     def get(self):
+        if threading.current_thread() is not threading.main_thread():
+            self.wanted.set()
+            self.ready.wait()  # set once the main thread has connected (or failed to)
+            if self.error is not None:
+                raise self.error
+            return self.session
         if self.session is None:
-            self.session = connect(self.address, log_dir=self.out / LOG_DIR)
+            try:
+                self.session = connect(self.address, log_dir=self.out / LOG_DIR)
+            except BaseException as e:
+                self.error = e
+                raise
+            finally:
+                self.ready.set()
         return self.session
 
-    def scan_map(self, func, items: list[tuple]) -> list:
+    def serve(self) -> None:
+        """In the main thread: start Ray if the planning thread asked for it."""
+        if self.wanted.is_set() and not self.ready.is_set():
+            self.get()
+
+    def scan_map(self, func, items: list[tuple]):
         """Planning's map: each item is one task's share of DICOM folders (about FILES_PER_TASK files); one share
-        is read in this process, more by Ray tasks anywhere in the cluster."""
+        is read in this process, more by Ray tasks anywhere in the cluster, results yielded as they come."""
         if self.in_driver:
             return serial_map(func, items)
         if len(items) > 1:
             self.get()
-        return ray_map(func, items, per_task=1)
+        return ray_imap(func, items)
 
     def close(self) -> None:
+        self.ready.set()
         if self.session is not None:
             self.session.close()
 
@@ -111,10 +137,11 @@ def _out_inside_input(source: Path, out: Path) -> list[Path]:
     return [out]
 
 
-def _plan(source: Path, out: Path, ray_session, regions, private: bool) -> tuple[Plan, list[str]]:
+def _plan(source: Path, out: Path, ray_session, regions, private: bool, stack) -> tuple[Plan, list[str]]:
+    """The whole plan at once (--dry-run)."""
     exclude = _out_inside_input(source, out)
     names = Pseudonyms(out) if private else None
-    plan = plan_inputs(source, regions, map_fn=ray_session.scan_map, exclude=exclude, names=names)
+    plan = plan_inputs(source, regions, map_fn=ray_session.scan_map, exclude=exclude, names=names, stack=stack)
     notes = [f"OUT {p} is inside INPUT: left out of the input scan" for p in plan.excluded] + plan.renamed
     if names is not None and any(c.private for c in (*plan.cases, *plan.skipped)):
         names.write_key([{"case": c.name, "kind": c.kind, "path": c.path, "series_uid": c.series_uid,
@@ -128,49 +155,48 @@ def _plan(source: Path, out: Path, ray_session, regions, private: bool) -> tuple
 
 def _run(source: Path, out: Path, ray_session: _LazySession, t0: float, *, workers, gpus_per_worker,
          threads_per_worker, regions, fast, retry, quiet, preview, weights, worker_resources, on_record, private,
-         dry_run) -> BatchSummary:
+         dry_run, stack) -> BatchSummary:
     resolved = load_weights(weights)  # a weights problem stops here, before any worker starts
-    plan, notes = _plan(source, out, ray_session, regions, private)
     if dry_run:
+        plan, notes = _plan(source, out, ray_session, regions, private, stack)
         tables = {"plan": write_plan(out, plan)}
         return BatchSummary(out, len(plan.cases), 0, 0, len(plan.skipped), 0, 0, time.perf_counter() - t0,
                             tables=tables, sidecars=plan.sidecars, notes=notes, dry_run=True)
     mode = "fast" if fast else "exact"
     version = weights_version(resolved)
     run = {"run": f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}",
-           "weights": f"{resolved.source}:{version}", "weights_version": version, "mode": mode}
+           "weights": f"{resolved.source}:{version}", "weights_version": version, "mode": mode, "stack": stack}
 
     def key_of(case: Case) -> dict:  # what makes a finished case still valid (besides its input's checksum)
-        return {"weights_version": version, "mode": mode, "regions": case.route.label}
+        return {"weights_version": version, "mode": mode, "regions": case.route.label, "stack": stack}
 
     ledger = Ledger(out)
-    records = ledger.read()
-    done_before = finished_cases(plan.cases, records, key_of, out)
-    todo = [c for c in plan.cases if c.name not in done_before]
+    feed = PlanFeed(source, out, ray_session.scan_map, regions, Pseudonyms(out) if private else None, stack,
+                    ledger.read(), key_of)
+    _out_inside_input(source, out)
     remove_stale_temporaries(out)
-    stats = Counter()
-    n_workers = 0
-    if todo:
-        worker_args = {"out_dir": str(out), "run": run, "weights": str(resolved.root),
-                       "device": "cuda" if gpus_per_worker > 0 else "cpu", "threads": threads_per_worker,
-                       "mode": mode, "regions": None if regions in (None, "auto") else list(regions),
-                       "preview": preview}
-        failed_before = len(plan.skipped) + sum(records[n].get("status") != "done" for n in done_before)
-        n_workers, stats = _process(todo, len(plan.cases) + len(plan.skipped),
-                                    len(done_before) + len(plan.skipped), failed_before, ledger, run, worker_args,
-                                    session=ray_session.get(), workers=workers, threads_per_worker=threads_per_worker,
+    worker_args = {"out_dir": str(out), "run": run, "weights": str(resolved.root),
+                   "device": "cuda" if gpus_per_worker > 0 else "cpu", "threads": threads_per_worker,
+                   "mode": mode, "regions": None if regions in (None, "auto") else list(regions),
+                   "preview": preview}
+    try:
+        n_workers, stats = _process(feed.start(), ledger, run, worker_args, ray_session=ray_session, source=source,
+                                    workers=workers, threads_per_worker=threads_per_worker,
                                     gpus_per_worker=gpus_per_worker, worker_resources=worker_resources,
-                                    retry=retry, quiet=quiet, on_record=on_record,
-                                    check_paths=_paths_to_check(source, out, todo))
+                                    retry=retry, quiet=quiet, on_record=on_record)
+    finally:
+        feed.stop()
+    plan = feed.plan
+    refuse_split(feed, ledger, run)
     records = ledger.read()
     current = [rec for c in plan.cases if (rec := records.get(c.name)) and same_key(rec, key_of(c))]
     tables = write_tables(out, current, plan.skipped)
     failed = sum(r.get("status") != "done" for r in current) + len(plan.skipped)
     empty = sum(r.get("status") == "done" and not r.get("rows") for r in current)
-    return BatchSummary(out, len(plan.cases), len(done_before), stats["processed"], failed, stats["retried"],
+    return BatchSummary(out, len(plan.cases), len(feed.done_before), stats["processed"], failed, stats["retried"],
                         n_workers, time.perf_counter() - t0,
                         {k[5:]: v for k, v in stats.items() if k.startswith("node:")}, tables, empty=empty,
-                        sidecars=plan.sidecars, notes=notes)
+                        sidecars=plan.sidecars, notes=feed.notes)
 
 
 def _paths_to_check(source: Path, out: Path, todo: list[Case], most: int = 50) -> list[str]:
@@ -183,27 +209,31 @@ def _paths_to_check(source: Path, out: Path, todo: list[Case], most: int = 50) -
     return list(paths)
 
 
-def _process(todo: list[Case], total: int, already: int, failed: int, ledger: Ledger, run: dict, worker_args: dict,
-             *, session, workers, threads_per_worker, gpus_per_worker, worker_resources, retry, quiet, on_record,
-             check_paths):
-    """Run ``todo`` on Ray workers; returns (number of workers, counters)."""
+def _process(feed: PlanFeed, ledger: Ledger, run: dict, worker_args: dict, *, ray_session, source, workers,
+             threads_per_worker, gpus_per_worker, worker_resources, retry, quiet, on_record):
+    """Run the cases ``feed`` plans on Ray workers (:class:`.pool.Pool`); returns (number of workers, counters)."""
+    progress = Progress(0, 0, 0, quiet)
+    pool = Pool(ray_session, worker_args, workers, threads_per_worker, gpus_per_worker, worker_resources,
+                 early=not feed.records)
     try:
-        n = workers or min(default_workers(threads_per_worker, gpus_per_worker), len(todo))
-        actors = start_workers(session, n, worker_args, threads_per_worker, gpus_per_worker, worker_resources)
-        progress = Progress(total, already, failed, quiet)
-        try:
-            dispatch = _Dispatcher(actors, todo, retry, ledger, run, progress, on_record,
-                                   in_flight=cases_in_flight(gpus_per_worker), check_paths=check_paths)
-            dispatch.run()
-        except KeyboardInterrupt:
-            progress.close()
-            print(f"mrannotator batch: interrupted; {ledger.folder} keeps every finished case: run the same "
-                  "command again to finish the rest", file=sys.stderr)
-            raise
+        todo = first_cases(feed, pool, progress)
+        if not todo:
+            feed.poll()  # planning's own error, if any
+            return 0, Counter()
+        actors = pool.start(cap=None if workers or not feed.finished.is_set() else len(todo))
+        dispatch = _Dispatcher(actors, todo, retry, ledger, run, progress, on_record,
+                               in_flight=cases_in_flight(gpus_per_worker),
+                               check_paths=_paths_to_check(source, Path(worker_args["out_dir"]), todo), feed=feed)
+        dispatch.run()
+        return pool.n, dispatch.stats
+    except KeyboardInterrupt:
         progress.close()
-        return n, dispatch.stats
+        print(f"mrannotator batch: interrupted; {ledger.folder} keeps every finished case: run the same "
+              "command again to finish the rest", file=sys.stderr)
+        raise
     finally:
-        session.end_workers()
+        pool.close()
+        progress.close()
 
 
 class _Dispatcher:
@@ -217,8 +247,10 @@ class _Dispatcher:
     PROBE_INTERVAL_S = 1.0
 
     def __init__(self, actors: list, cases: list[Case], retry: int, ledger: Ledger, run: dict, progress,
-                 on_record, in_flight: int, check_paths: list[str] = ()):
+                 on_record, in_flight: int, check_paths: list[str] = (), feed: PlanFeed | None = None):
         import ray
+
+        self.feed = feed  # more cases as planning goes on
 
         self.actors = actors
         self.pending = deque((c, 1) for c in cases)
@@ -236,7 +268,8 @@ class _Dispatcher:
 
     def run(self) -> None:
         started = time.monotonic()
-        while self.pending or self.inflight:
+        while self.pending or self.inflight or (self.feed is not None and not self.feed.exhausted()):
+            self._planned(timeout=0.2 if not self.pending and not self.inflight else 0.0)
             self._probe_due()
             if len(self.dead) == len(self.actors):
                 raise ClusterError("no batch worker could start:\n  " + "\n  ".join(
@@ -257,6 +290,17 @@ class _Dispatcher:
                 self._probed(ready[0])
             else:
                 self._case_returned(ready[0])
+
+    def _planned(self, timeout: float) -> None:
+        """Cases planned since the last look (waiting up to ``timeout`` for one): queued, handed to idle workers."""
+        if self.feed is None:
+            return
+        new = self.feed.poll(timeout)
+        self.progress.add(**self.feed.take_counts())
+        if new:
+            self.pending.extend((c, 1) for c in new)
+            for j in range(len(self.actors)):
+                self._feed(j)
 
     def _probe_due(self) -> None:
         now = time.monotonic()
@@ -291,6 +335,8 @@ class _Dispatcher:
         busy = sum(1 for _, _, w in self.inflight.values() if w == i)
         while self.pending and busy < self.in_flight:
             case, attempt = self.pending.popleft()
+            if self.feed is not None and case.name in self.feed.split:  # refused once planning is complete
+                continue
             self.inflight[self.actors[i].process.remote(case, attempt)] = (case, attempt, i)
             busy += 1
 

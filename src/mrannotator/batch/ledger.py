@@ -88,6 +88,12 @@ class Ledger:
     def write(self, record: dict) -> Path:
         return save_json(record, self.path(record["case"]))
 
+    def read_one(self, case: str) -> dict | None:
+        try:
+            return json.loads(self.path(case).read_text())
+        except (OSError, ValueError):
+            return None
+
     def read(self) -> dict[str, dict]:
         """case -> record; a record that cannot be read is left out (the case is then done again)."""
         records = {}

@@ -25,6 +25,17 @@ class Progress:
                         bar_format="{n}/{total} cases |{bar:20}| {elapsed} elapsed, ETA {remaining}{postfix}")
         self.bar.set_postfix_str(f"{self.failed} failed", refresh=False)
 
+    def add(self, total: int = 0, already: int = 0, failed: int = 0) -> None:
+        """More input cases planned: ``already`` of them accounted for (done before or refused), ``failed`` of
+        those refused or failed before."""
+        if not (total or already or failed):
+            return
+        self.failed += failed
+        self.bar.total = (self.bar.total or 0) + total
+        self.bar.n += already
+        self.bar.set_postfix_str(f"{self.failed} failed", refresh=False)
+        self.refresh()
+
     def update(self, record: dict) -> None:
         self.done_here += 1
         self.failed += record.get("status") != "done"

@@ -9,6 +9,7 @@ DICOM headers folder by folder, in Ray tasks when the tree is large.
   rules and reasons); each series is described in a few strings and its headers are dropped before the next
   folder.
   A series is expected within one folder (as PACS exports and scanners write them); a folder may hold several.
+  A series whose files are spread over several folders is refused by the planner (``inputs.SPLIT_SERIES``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ HEADER_TAGS = ("SeriesDescription", "SeriesNumber", "PatientAge", "PatientSex", 
                "MagneticFieldStrength", "BodyPartExamined", "StudyDescription", "ProtocolName")
 _DESCRIBED = re.compile(r"^series (\S+) '(.*?)' \(")  # mrannotator.dicom's description of a series
 FILES_PER_TASK = 2000  # DICOM candidate files one planning task reads (whole folders: a big one is one task)
+FIRST_TASK_FILES = 200  # the first task's share: the first cases are planned (and dispatched) soon
 
 
 def is_nifti(name: str) -> bool:
@@ -107,16 +109,17 @@ def _classify(tree: Tree, path: str, name: str, counts: dict[str, int]) -> None:
         counts[folder] = counts.get(folder, 0) + 1
 
 
-def chunks(folders: list[tuple[str, int]], per_task: int | None = None) -> list[list[str]]:
-    """Folders grouped into tasks of about ``per_task`` (FILES_PER_TASK) files (a larger folder is a task of its
-    own)."""
+def chunks(folders: list[tuple[str, int]], per_task: int | None = None, first: int | None = None) -> list[list[str]]:
+    """Folders grouped into tasks of about ``per_task`` (FILES_PER_TASK) files, the first of about ``first`` files
+    (a larger folder is a task of its own)."""
     per_task = per_task or FILES_PER_TASK
     out: list[list[str]] = []
-    size = per_task
+    size = limit = per_task
     for folder, n in folders:
-        if size + n > per_task:
+        if size + n > limit:
             out.append([])
             size = 0
+            limit = min(first or per_task, per_task) if len(out) == 1 else per_task
         out[-1].append(folder)
         size += n
     return out
@@ -131,16 +134,17 @@ class Found:
     files: tuple[str, ...] = ()  # slice order (accepted series); every member (refused)
     header: dict[str, str] = field(default_factory=dict)  # HEADER_TAGS as text
     error: str = ""  # empty: accepted
+    stack: str = ""  # the 3D stack chosen, when the series holds several
 
     @property
     def series_number(self) -> str:
         return self.header.get("SeriesNumber", "")
 
 
-def scan_folders(folders: list[str]) -> list[tuple[str, list[Found]]]:
+def scan_folders(folders: list[str], stack: str | None = None) -> list[tuple[str, list[Found]]]:
     """(folder, every series and every unusable file in it) for each of ``folders`` (each read on its own, not
-    recursively; a folder may also be a single file)."""
-    return [(folder, _scan_folder(folder)) for folder in folders]
+    recursively; a folder may also be a single file). ``stack``: the 3D stack of series that hold several."""
+    return [(folder, _scan_folder(folder, stack)) for folder in folders]
 
 
 def _candidate_files(folder: str) -> list[str]:
@@ -150,7 +154,7 @@ def _candidate_files(folder: str) -> list[str]:
         return sorted(e.path for e in it if e.is_file() and not is_nifti(e.name) and not is_sidecar(e.name))
 
 
-def _scan_folder(folder: str) -> list[Found]:
+def _scan_folder(folder: str, stack: str | None = None) -> list[Found]:
     """The folder's own files read through the project's one DICOM reader (:func:`mrannotator.dicom.find_series`:
     its series rules, stacks and reasons). A folder that also has subfolders is read through a temporary view of
     its own files (symbolic links), so that no subfolder is read twice."""
@@ -159,18 +163,18 @@ def _scan_folder(folder: str) -> list[Found]:
     from ..dicom import find_series
 
     if not os.path.isdir(folder):
-        return _found(folder, find_series(folder), {})
+        return _found(folder, find_series(folder, stack=stack), {})
     with os.scandir(folder) as it:
         nested = any(e.is_dir() for e in it)
     if not nested:
-        return _found(folder, find_series(folder), {})
+        return _found(folder, find_series(folder, stack=stack), {})
     with tempfile.TemporaryDirectory(prefix="mra-scan-") as view:
         real = {}
         for f in _candidate_files(folder):
             link = os.path.join(view, os.path.basename(f))
             os.symlink(f, link)
             real[link] = f
-        return _found(folder, find_series(view), real)
+        return _found(folder, find_series(view, stack=stack), real)
 
 
 def _found(folder: str, scan, real: dict[str, str]) -> list[Found]:
@@ -179,7 +183,7 @@ def _found(folder: str, scan, real: dict[str, str]) -> list[Found]:
            if not (is_nifti(Path(p).name) or is_sidecar(Path(p).name))]  # NIfTI: cases; sidecars: counted
     for s in scan.series:
         header = {k: _text(s.header, k) for k in HEADER_TAGS}
-        out.append(Found(folder, s.uid, tuple(real.get(str(f), str(f)) for f in s.files), header))
+        out.append(Found(folder, s.uid, tuple(real.get(str(f), str(f)) for f in s.files), header, stack=s.stack))
     for r in scan.rejected:
         m = _DESCRIBED.match(r.description)
         header = {"SeriesNumber": m.group(1) if m else "", "SeriesDescription": m.group(2) if m else ""}

@@ -29,7 +29,7 @@ def read_case(case: Case):
     if case.kind == "dicom":
         from ..dicom import find_series, load_series
 
-        series = find_series(case.path).choose(case.series_uid)
+        series = find_series(case.path, stack=case.stack or None).choose(case.series_uid)  # the planned stack
         if [str(f) for f in series.files] != list(case.files):
             raise InputError(f"DICOM series {case.series_uid} in {case.path} changed since the batch was planned")
         return load_image(load_series(series))  # load_image: the same 3D / finite / affine checks
