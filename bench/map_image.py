@@ -29,7 +29,6 @@ import numpy as np
 import pydicom
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 OUTPUTS = ("mrannotator_seg.dcm", "mrannotator_sr.dcm", "mrannotator_labels.nii.gz", "mrannotator_structures.json")
 
 
@@ -61,9 +60,8 @@ def sr_values(path: Path) -> list[tuple[str, float]]:
 
 
 def compare(source: Path, local: Path, image: Path) -> dict:
-    from dicom_fixtures import read_series
-
-    from mrannotator.dicom.seg import labels_from_seg
+    from mrannotator.dicom.seg_read import labels_from_seg
+    from mrannotator.testing.dicom_fixtures import read_series
 
     datasets, _ = read_series(source)
     seg_a, seg_b = (pydicom.dcmread(d / OUTPUTS[0]) for d in (local, image))

@@ -29,12 +29,10 @@ import time
 from pathlib import Path
 
 import psutil
+from dicom_refusal import refused_inputs, timed  # bench/ is on the path when run as a script
+from memory import DEMO, GIB, TreePeak, make_image, wait_for_memory
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
-from dicom_refusal import refused_inputs, timed  # noqa: E402
-from memory import DEMO, GIB, TreePeak, make_image, wait_for_memory  # noqa: E402
 
 
 class TreeRSS(TreePeak):
@@ -93,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-gb", type=float, default=8.0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    from dicom_fixtures import write_series
+    from mrannotator.testing.dicom_fixtures import write_series
 
     shape = tuple(int(s) for s in args.shape.split("x"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOLOSCAN_")}

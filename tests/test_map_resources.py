@@ -4,9 +4,9 @@ The figures are read from the benchmarks' JSON, not copied here: re-running a be
 request in app.yaml) re-checks the request. bench/README.md says how each figure was measured.
 """
 
+import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -63,8 +63,7 @@ def test_map_refusal_costs_at_most_twice_the_cli_refusal():
 
 def test_image_manifest_carries_the_app_yaml_request(tmp_path):
     """packaging/image.py writes pkg.json's resources from app.yaml (what a MAP runner reads)."""
-    sys.path.insert(0, str(ROOT / "packaging"))
-    import image
+    image = _packaging_image()
 
     models = tmp_path / "models"
     (models / "Dataset001_Abdomen").mkdir(parents=True)
@@ -79,8 +78,7 @@ def test_image_manifest_carries_the_app_yaml_request(tmp_path):
 def test_image_build_refuses_a_cpu_torch_with_pypi_torchvision(tmp_path):
     """torchvision's ops library from PyPI links PyPI's (CUDA) torch: with a +cpu torch, model loading fails
     ("operator torchvision::nms does not exist", measured on the built image); the wheels step says so first."""
-    sys.path.insert(0, str(ROOT / "packaging"))
-    import image
+    image = _packaging_image()
 
     wheels = tmp_path / "wheels"
     wheels.mkdir()
@@ -100,8 +98,7 @@ def test_image_build_refuses_a_cpu_torch_with_pypi_torchvision(tmp_path):
 
 
 def test_image_carries_the_map_environment_and_app_yaml():
-    sys.path.insert(0, str(ROOT / "packaging"))
-    import image
+    image = _packaging_image()
 
     text = image.containerfile()
     for key in ("HOLOSCAN_INPUT_PATH", "HOLOSCAN_OUTPUT_PATH", "HOLOSCAN_MODEL_PATH", "HOLOSCAN_WORKDIR",
@@ -109,3 +106,11 @@ def test_image_carries_the_map_environment_and_app_yaml():
         assert f"ENV {key}=" in text, key
     assert f"COPY app.yaml {image.ENV['HOLOSCAN_CONFIG_PATH']}" in text
     assert "--no-index" in text  # the image installs only the wheels built on the host
+
+
+def _packaging_image():
+    """packaging/image.py, loaded from its file (packaging/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("packaging_image", ROOT / "packaging" / "image.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,7 +4,6 @@ the Label Map SEG frames OHIF 3.13 exports (placed by reference, refused when po
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +51,6 @@ def test_install_refuses_a_tarball_that_is_not_the_pinned_one(tmp_path):
 
 
 def test_viewer_config_points_at_the_proxy_and_files_stay_inside(tmp_path):
-    sys.path.insert(0, str(ROOT / "apps" / "mrannotator"))
     from lib.monailabel_adapter import ohif_viewer
 
     config = ohif_viewer.app_config()
