@@ -66,10 +66,12 @@ def next_click(truth: np.ndarray, pred: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> 
 
 
 def simulate(refine: Callable[[list, list], np.ndarray], start: np.ndarray, truth: np.ndarray, label_id: int,
-             max_clicks: int = 20, spacing=(1.0, 1.0, 1.0)) -> ClickRun:
+             max_clicks: int = 20, spacing=(1.0, 1.0, 1.0),
+             enough: Callable[[list[float]], bool] | None = None) -> ClickRun:
     """Click until no error is left or ``max_clicks``; ``refine(foreground, background)`` -> new label map.
 
-    ``start`` is the label map before any click; ``truth`` the structure's true mask.
+    ``start`` is the label map before any click; ``truth`` the structure's true mask; ``enough(dices)``
+    may end the run early (e.g. once every figure wanted is known).
     """
     truth = np.asarray(truth, bool)
     current = np.asarray(start) == label_id
@@ -77,6 +79,8 @@ def simulate(refine: Callable[[list, list], np.ndarray], start: np.ndarray, trut
     fg: list[tuple[int, int, int]] = []
     bg: list[tuple[int, int, int]] = []
     for _ in range(max_clicks):
+        if enough is not None and enough(run.dices):
+            break
         click = next_click(truth, current, spacing)
         if click is None:
             run.dices.append(run.dices[-1])
