@@ -1,0 +1,141 @@
+"""Click correction (mrannotator.refine) on a real demo-model segmentation of a phantom the model gets wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from mrannotator.catalogue import load_catalogue
+from mrannotator.errors import InputError
+from mrannotator.orientation import voxel_spacing
+from mrannotator.probcache import ProbabilityCache, quantise
+from mrannotator.refine import refine, refine_segmentation
+from mrannotator.sites import make_site_phantom
+
+pytestmark = pytest.mark.unit
+CAT = load_catalogue()
+
+
+@pytest.fixture(scope="module")
+def case(segmenter):
+    """A T1-contrast abdomen phantom: the demo model (trained on T2-like contrast) misses and confuses organs."""
+    ph = make_site_phantom("abdomen", seed=31337, site="t1")
+    seg = segmenter.segment(ph.image, regions=["abdomen"], probabilities=True)
+    return ph, seg
+
+
+def _arrays(case):
+    ph, seg = case
+    return (np.asarray(ph.image.dataobj), np.asarray(seg.labels.dataobj), np.asarray(ph.labels.dataobj),
+            voxel_spacing(ph.image.affine))
+
+
+def _deepest(mask, spacing):
+    """The voxel deepest inside the largest connected part of ``mask`` (the click protocol's choice)."""
+    lab, n = ndimage.label(mask)
+    assert n, "no error region"
+    comp = lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:]))
+    dt = ndimage.distance_transform_edt(np.pad(comp, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+    return tuple(int(v) for v in np.unravel_index(np.argmax(dt), dt.shape))
+
+
+def _dice(a, b):
+    return 2.0 * (a & b).sum() / max(1, a.sum() + b.sum())
+
+
+def _only_structure_moved(old, new, sid):
+    changed = old != new
+    assert np.all((old[changed] == sid) | (new[changed] == sid)), "a voxel moved between two other structures"
+
+
+def test_foreground_click_adds_a_missed_region(case):
+    image, labels, truth, sp = _arrays(case)
+    sid = CAT.get("kidney_right").id
+    missed = (truth == sid) & (labels != sid)
+    assert missed.sum() > 0.8 * (truth == sid).sum(), "the model should miss most of this kidney on T1 contrast"
+    click = _deepest(missed, sp)
+    new = refine(image, labels, case[1].probabilities[sid], sid, foreground=[click], spacing=sp)
+    before, after = _dice(labels == sid, truth == sid), _dice(new == sid, truth == sid)
+    assert after > before + 0.5, (before, after)
+    added = (new == sid) & (labels != sid)
+    assert (added & (truth == sid)).sum() > 0.8 * added.sum(), "the click added mostly voxels outside the kidney"
+    _only_structure_moved(labels, new, sid)
+    assert labels.dtype == new.dtype and labels is not new
+
+
+def test_background_click_removes_a_false_region(case):
+    image, labels, truth, sp = _arrays(case)
+    sid = CAT.get("spleen").id
+    false = (labels == sid) & (truth != sid)
+    assert false.sum() > 200, "the model should label a false spleen on T1 contrast"
+    click = _deepest(false, sp)
+    new = refine(image, labels, case[1].probabilities[sid], sid, background=[click], spacing=sp)
+    still_false = (new == sid) & (truth != sid)
+    assert still_false.sum() < 0.3 * false.sum(), (false.sum(), still_false.sum())
+    assert new[click] != sid
+    others = (labels != sid) & (labels != 0)
+    assert np.array_equal(new[others], labels[others]), "a background click changed another structure"
+    _only_structure_moved(labels, new, sid)
+
+
+def test_scribbles_and_uint8_cache_maps_and_no_probability(case):
+    image, labels, truth, sp = _arrays(case)
+    sid = CAT.get("kidney_right").id
+    scribbles = np.zeros(labels.shape, np.uint8)
+    c = _deepest((truth == sid) & (labels != sid), sp)
+    scribbles[c[0] - 1:c[0] + 2, c[1], c[2]] = 1
+    cache = ProbabilityCache(max_bytes=10 * 2**20)
+    assert cache.put("img", "v1", case[1].probabilities)
+    stored = cache.get("img", "v1")[sid]
+    assert stored.dtype == np.uint8 and cache.nbytes == len(case[1].probabilities) * labels.size
+    new = refine(image, labels, stored, sid, scribbles=scribbles, spacing=sp)
+    assert _dice(new == sid, truth == sid) > 0.5
+    _only_structure_moved(labels, new, sid)
+    # without any probability the current region is the prior: the click still adds its region
+    new2 = refine(image, labels, None, sid, foreground=[c], spacing=sp)
+    assert _dice(new2 == sid, truth == sid) > 0.5
+
+
+def test_api_wrapper_on_a_segmentation(case):
+    ph, seg = case
+    truth = np.asarray(ph.labels.dataobj)
+    sid = CAT.get("kidney_right").id
+    click = _deepest((truth == sid) & (np.asarray(seg.labels.dataobj) != sid), voxel_spacing(ph.image.affine))
+    out = refine_segmentation(seg, ph.image, "kidney_right", foreground=[click])
+    assert "kidney_right" in [s.name for s in out.structures]
+    assert out.labels.shape == seg.labels.shape and np.allclose(out.labels.affine, seg.labels.affine)
+    with pytest.raises(InputError, match="unknown structure 'brain'"):
+        refine_segmentation(seg, ph.image, "brain", foreground=[click])
+
+
+def test_probability_cache_is_bounded_lru():
+    maps = {1: np.full((10, 10, 10), 0.5, np.float32)}
+    cache = ProbabilityCache(max_bytes=2500)
+    assert cache.put("a", "v", maps) and cache.put("b", "v", maps)
+    assert cache.get("a", "v") is not None  # a is now the most recent
+    assert cache.put("c", "v", maps)
+    assert cache.get("b", "v") is None and cache.get("a", "v") is not None and cache.nbytes == 2000
+    assert not cache.put("big", "v", {1: np.zeros((20, 20, 20), np.float32)}) and cache.get("big", "v") is None
+    assert quantise(maps[1])[0, 0, 0] == 128
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"foreground": [(999, 0, 0)]}, "outside the image"),
+    ({"background": [(-1, 2, 3)]}, "outside the image"),
+    ({"foreground": [(1, 2)]}, "not three voxel indices"),
+    ({"foreground": [(1.5, 2, 3)]}, "whole voxel indices"),
+    ({"foreground": [], "background": []}, "nothing to correct"),
+    ({"foreground": [(1, 2, 3)], "label_id": 0}, "label id"),
+    ({"foreground": [(1, 2, 3)], "label_id": "liver"}, "label id"),
+    ({"foreground": [(1, 2, 3)], "probability": np.zeros((2, 2, 2), np.float32)}, "probability shape"),
+    ({"scribbles": np.full((4, 5, 6), 3, np.uint8)}, "scribbles must be"),
+])
+def test_bad_input_is_an_input_error(kwargs, message):
+    image = np.zeros((4, 5, 6), np.int16)
+    labels = np.zeros((4, 5, 6), np.uint8)
+    args = {"label_id": 1, "probability": None, **kwargs}
+    with pytest.raises(InputError, match=message):
+        refine(image, labels, **args)
+    with pytest.raises(InputError, match="label map shape"):
+        refine(image, labels[:2], None, 1, foreground=[(0, 0, 0)])
