@@ -118,6 +118,14 @@ def test_probability_cache_is_bounded_lru():
     assert cache.get("b", "v") is None and cache.get("a", "v") is not None and cache.nbytes == 2000
     assert not cache.put("big", "v", {1: np.zeros((20, 20, 20), np.float32)}) and cache.get("big", "v") is None
     assert quantise(maps[1])[0, 0, 0] == 128
+    labels = np.ones((10, 10, 10), np.uint8)
+    cache = ProbabilityCache(max_bytes=2200)
+    assert cache.put("a", "v", maps, labels) and cache.nbytes == 2000
+    cache.set_labels("a", "v", labels * 2)
+    assert cache.labels("a", "v")[0, 0, 0] == 2 and cache.labels("a", "v2") is None
+    assert cache.put("b", "v", maps) and cache.get("a", "v") is None and cache.labels("a", "v") is None
+    cache.forget("b")
+    assert len(cache) == 0 and cache.nbytes == 0
 
 
 @pytest.mark.parametrize("kwargs, message", [

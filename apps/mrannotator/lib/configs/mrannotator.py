@@ -8,6 +8,7 @@ from monailabel.interfaces.config import TaskConfig
 
 from lib.activelearning.handout import FirstStrategy, RandomStrategy
 from lib.activelearning.uncertainty import SoftmaxEntropy
+from lib.infers.refine import RefineInfer, ScribblesInfer
 from lib.infers.segment import SegmentInfer
 from lib.scoring.dice import MultiClassDice
 from lib.service import ModelService
@@ -28,6 +29,8 @@ class MRAnnotatorConfig(TaskConfig):
         tasks = {self.name: SegmentInfer(self.service)}
         for model in self.service.segmenter().models:
             tasks[region_task_name(model.dataset)] = SegmentInfer(self.service, model.dataset)
+        tasks[f"{self.name}_refine"] = RefineInfer(self.service)  # click correction (Slicer SmartEdit)
+        tasks[f"{self.name}_scribbles"] = ScribblesInfer(self.service)  # scribble correction (Slicer Scribbles)
         return tasks
 
     def trainer(self):

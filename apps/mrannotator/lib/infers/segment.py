@@ -13,10 +13,12 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.datastore import too_large
 from lib.errors import bad_request, unprocessable
+from lib.infers import cache
 from lib.service import ModelService, mean_entropy
 from mrannotator.errors import InputError
 from mrannotator.imageio import to_sitk
 from mrannotator.limits import TooLargeError
+from mrannotator.memory import MemoryBudgetError
 
 logger = logging.getLogger(__name__)
 
@@ -60,29 +62,18 @@ class SegmentInfer(InferTask):
         return info
 
     def __call__(self, request):
-        ext = str(request.get("result_extension") or ".nii.gz").lower()
-        if not ext.startswith("."):
-            ext = "." + ext
-        if ext not in RESULT_EXTENSIONS:
-            raise bad_request(f"result_extension {ext!r} is not supported; use one of {', '.join(RESULT_EXTENSIONS)}")
-        dtype_name = str(request.get("result_dtype") or "uint8").lower()
-        if dtype_name not in RESULT_DTYPES:
-            raise bad_request(f"result_dtype {dtype_name!r} is not supported; use one of {', '.join(RESULT_DTYPES)}")
+        ext, dtype_name = result_format(request)
         uncertainty = str(request.get("uncertainty", False)).lower() in ("1", "true", "yes")
 
         t0 = time.perf_counter()
         try:
-            result, served, model_version = self.service.segment_versioned(request["image"], self.dataset,
-                                                                           probabilities=uncertainty)
+            result, served, model_version = self._segment(request, uncertainty)
         except TooLargeError as e:
             raise too_large(f"image {request.get('image_id', '')!r} cannot be segmented: {e}") from e
         except InputError as e:
             raise unprocessable(f"image {request.get('image_id', '')!r} cannot be segmented: {e}") from e
         t1 = time.perf_counter()
-        labels = np.asanyarray(result.labels.dataobj).astype(RESULT_DTYPES[dtype_name])
-        fd, path = tempfile.mkstemp(suffix=ext, prefix="mrannotator-")
-        os.close(fd)
-        sitk.WriteImage(to_sitk(result.labels, labels), path, useCompression=True)
+        path = write_result(result.labels, np.asanyarray(result.labels.dataobj), ext, dtype_name)
         t2 = time.perf_counter()
 
         params = {
@@ -96,6 +87,41 @@ class SegmentInfer(InferTask):
             "result_dtype": dtype_name,
             "latencies": {"infer": round(t1 - t0, 3), "write": round(t2 - t1, 3), "total": round(t2 - t0, 3)},
         }
-        if uncertainty:
+        if uncertainty and result.probabilities:
             params["entropy"] = round(mean_entropy(self.service.segmenter(), result), 6)
         return path, params
+
+    def _segment(self, request, uncertainty: bool):
+        """The segmentation, with probabilities kept for click correction (lib/infers/cache.py) when the
+        cache is on; an image whose probabilities would not fit the memory budget is segmented without."""
+        if not (uncertainty or cache.enabled()):
+            return self.service.segment_versioned(request["image"], self.dataset)
+        try:
+            out = self.service.segment_versioned(request["image"], self.dataset, probabilities=True)
+        except MemoryBudgetError:
+            if uncertainty:
+                raise
+            return self.service.segment_versioned(request["image"], self.dataset)
+        cache.remember(request, out[0], out[2])
+        return out
+
+
+def result_format(request) -> tuple[str, str]:
+    """(file extension, dtype name) the client asked for (3D Slicer: .nrrd, uint8), checked."""
+    ext = str(request.get("result_extension") or ".nii.gz").lower()
+    if not ext.startswith("."):
+        ext = "." + ext
+    if ext not in RESULT_EXTENSIONS:
+        raise bad_request(f"result_extension {ext!r} is not supported; use one of {', '.join(RESULT_EXTENSIONS)}")
+    dtype_name = str(request.get("result_dtype") or "uint8").lower()
+    if dtype_name not in RESULT_DTYPES:
+        raise bad_request(f"result_dtype {dtype_name!r} is not supported; use one of {', '.join(RESULT_DTYPES)}")
+    return ext, dtype_name
+
+
+def write_result(image, labels: np.ndarray, ext: str, dtype_name: str) -> str:
+    """A label map on ``image``'s grid written to a new temporary file (MONAI Label sends and deletes it)."""
+    fd, path = tempfile.mkstemp(suffix=ext, prefix="mrannotator-")
+    os.close(fd)
+    sitk.WriteImage(to_sitk(image, labels.astype(RESULT_DTYPES[dtype_name])), path, useCompression=True)
+    return path
