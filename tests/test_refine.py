@@ -147,3 +147,22 @@ def test_bad_input_is_an_input_error(kwargs, message):
         refine(image, labels, **args)
     with pytest.raises(InputError, match="label map shape"):
         refine(image, labels[:2], None, 1, foreground=[(0, 0, 0)])
+
+
+def test_a_click_on_a_good_segmentation_does_not_destroy_it(segmenter):
+    """On the contrast the model knows, confirming a structure with a click keeps it (a too strong edge term
+    measured wiping small organs out: Dice 0.94 -> 0.00)."""
+    from mrannotator.phantoms import make_phantom
+
+    ph = make_phantom("abdomen", seed=31337)
+    seg = segmenter.segment(ph.image, regions=["abdomen"], probabilities=True)
+    image, labels, truth = np.asarray(ph.image.dataobj), np.asarray(seg.labels.dataobj), np.asarray(ph.labels.dataobj)
+    sp = voxel_spacing(ph.image.affine)
+    for name in ("kidney_right", "kidney_left", "pancreas", "spleen", "gallbladder"):
+        sid = CAT.get(name).id
+        start = _dice(labels == sid, truth == sid)
+        assert start > 0.8, (name, start)
+        new = refine(image, labels, seg.probabilities[sid], sid, foreground=[_deepest(labels == sid, sp)], spacing=sp)
+        assert _dice(new == sid, truth == sid) > start - 0.03, name
+        changed = new != labels
+        assert np.all((labels[changed] == sid) | (new[changed] == sid)), name

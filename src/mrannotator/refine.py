@@ -33,12 +33,12 @@ from .errors import InputError
 
 MODEL_CLIP = 4.0  # |log-odds| of the model's probability, at most (p in [0.018, 0.982])
 CLICK_GAIN = 10.0  # log-odds a click adds at its centre (beats any clipped model value)
-NEAR_MM = 6.0  # unconditional sphere of influence of a click (Gaussian scale, mm)
+NEAR_MM = 10.0  # unconditional sphere of influence of a click (Gaussian scale, mm)
 FAR_MM = 30.0  # influence over the click's connected similar-intensity region (Gaussian scale, mm)
-SIMILAR_NOISE = 3.0  # intensity tolerance around the click's intensity, in noise standard deviations
-LAMDA = 4.0  # weight of the pairwise (edge) term against the unary
+SIMILAR_NOISE = 4.5  # intensity tolerance around the click's intensity, in noise standard deviations
+LAMDA = 4.0  # weight of the pairwise (edge) term against the unary (7 wiped out small organs on the easy site)
 SIGMA = 2.5  # intensity difference (in noise standard deviations) that counts as an edge
-TAKE_FROM_OTHERS = 0.5  # a foreground click's term above this share of CLICK_GAIN may take another structure's voxel
+TAKE_FROM_OTHERS = 0.1  # a foreground click's term above this share of CLICK_GAIN may take another structure's voxel
 
 
 def refine(image: np.ndarray, labels: np.ndarray, probability: np.ndarray | None, label_id: int,
@@ -69,7 +69,7 @@ def refine(image: np.ndarray, labels: np.ndarray, probability: np.ndarray | None
     if has_scribbles:  # each stroke also acts as a click at its middle voxel
         fg, bg = fg + _stroke_points(scribbles == 1), bg + _stroke_points(scribbles == 2)
     clicks = _click_terms([tuple(np.subtract(p, offset)) for p in fg], [tuple(np.subtract(p, offset)) for p in bg],
-                          img, noise, spacing)
+                          img, noise, spacing, prior[sl] > 0.5)
     seeds_fg = np.zeros(img.shape, bool)
     seeds_bg = np.zeros(img.shape, bool)
     for p in fg:
@@ -241,33 +241,49 @@ def _crop(current, prior, points, scribbles, spacing) -> list[tuple[int, int]]:
     return [(int(max(0, a - g)), int(min(n, b + g))) for a, b, g, n in zip(lo, hi, grow, shape, strict=True)]
 
 
-def _click_terms(fg, bg, img: np.ndarray, noise: float, spacing) -> np.ndarray:
+def _click_terms(fg, bg, img: np.ndarray, noise: float, spacing, model_fg: np.ndarray) -> np.ndarray:
     """Net click log-odds at each voxel (positive: foreground) of clicks in crop coordinates.
 
-    Near terms add up as the strongest of each side; a far term (the click's connected similar-intensity
-    region) counts only where its click is the nearest of all clicks with a far reach there, so a
-    background click next to a foreground click cannot wipe out the region the foreground click claimed.
+    A click's reach scales with the error it marks: its distance (mm) to the nearest voxel the model puts on
+    the other side (``model_fg``: the model's foreground). A click in a thin boundary error reaches about a
+    voxel; one in the middle of a missed organ reaches NEAR_MM unconditionally and FAR_MM over its
+    similar-intensity region. Near terms add up as the strongest of each side; a far term counts only where
+    its click is the nearest of all clicks reaching there, so a background click next to a foreground click
+    cannot wipe out the region the foreground click claimed.
     """
     near = {1: np.zeros(img.shape, np.float32), -1: np.zeros(img.shape, np.float32)}
     best_d2 = np.full(img.shape, np.inf, np.float32)
     far = np.zeros(img.shape, np.float32)  # signed far term of the nearest click
+    to_side = {1: _distance_to(model_fg, spacing) if fg else None, -1: _distance_to(~model_fg, spacing) if bg else None}
     for sign, points in ((1, fg), (-1, bg)):
         for c in points:
-            box, d2, connected = _click_reach(c, img, noise, spacing)
-            np.maximum(near[sign][box], np.exp(-d2 / (2 * NEAR_MM**2)), out=near[sign][box])
+            r = float(to_side[sign][c])
+            near_s = min(NEAR_MM, max(float(min(spacing)), r))
+            far_s = min(FAR_MM, max(near_s, 2.0 * r))
+            box, d2, connected = _click_reach(c, img, noise, spacing, far_s)
+            np.maximum(near[sign][box], np.exp(-d2 / (2 * near_s**2)), out=near[sign][box])
             closer = connected & (d2 < best_d2[box])
             best_d2[box][closer] = d2[closer]
-            far[box][closer] = sign * np.exp(-d2[closer] / (2 * FAR_MM**2))
+            far[box][closer] = sign * np.exp(-d2[closer] / (2 * far_s**2))
     signed_near = near[1] - near[-1]
     return CLICK_GAIN * np.where(np.abs(signed_near) >= np.abs(far), signed_near, far)
 
 
-def _click_reach(c, img: np.ndarray, noise: float, spacing):
+def _distance_to(mask: np.ndarray, spacing) -> np.ndarray:
+    """Distance (mm) from each voxel to the nearest voxel of ``mask`` (infinite where the mask is empty)."""
+    from scipy import ndimage
+
+    if not mask.any():
+        return np.full(mask.shape, np.inf, np.float32)
+    return ndimage.distance_transform_edt(~mask, sampling=spacing).astype(np.float32)
+
+
+def _click_reach(c, img: np.ndarray, noise: float, spacing, far_mm: float):
     """(box around click ``c``, squared mm distance to it in the box, its connected similar-intensity region)."""
     from scipy import ndimage
 
     sp = np.asarray(spacing, np.float32)
-    reach = np.ceil(2.5 * FAR_MM / sp).astype(int)
+    reach = np.ceil(2.5 * far_mm / sp).astype(int)
     box = tuple(slice(max(0, v - r), min(n, v + r + 1)) for v, r, n in zip(c, reach, img.shape, strict=True))
     local = img[box]
     centre = tuple(v - b.start for v, b in zip(c, box, strict=True))

@@ -7,6 +7,8 @@ interaction costs no network pass. Size: ``MRANNOTATOR_PROBABILITY_CACHE_MB`` (d
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from mrannotator.probcache import ProbabilityCache
@@ -15,7 +17,14 @@ CACHE = ProbabilityCache()
 
 
 def image_key(request) -> str:
-    return str(request.get("image_id") or request.get("image"))
+    """The image id, with the file's size and modification time: a replaced image is a new key."""
+    path = str(request.get("image"))
+    try:
+        st = os.stat(path)
+        stamp = f"@{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        stamp = ""
+    return str(request.get("image_id") or path) + stamp
 
 
 def enabled() -> bool:
