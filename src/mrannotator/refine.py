@@ -38,6 +38,10 @@ FAR_MM = 30.0  # influence over the click's connected similar-intensity region (
 SIMILAR_NOISE = 4.5  # intensity tolerance around the click's intensity, in noise standard deviations
 LAMDA = 4.0  # weight of the pairwise (edge) term against the unary (7 wiped out small organs on the easy site)
 SIGMA = 2.5  # intensity difference (in noise standard deviations) that counts as an edge
+REACH = 2.0  # a click acts within REACH x its Gaussian scale (the term is 0.135 x CLICK_GAIN there)
+MARGIN_MM = 8.0  # the crop around the current and the model's region (clicks add their own reach)
+GRAPH_VOXELS = 300_000  # a larger crop is cut on 2 x 2 blocks along its axes finer than FINE_MM
+FINE_MM = 1.6
 TAKE_FROM_OTHERS = 0.1  # a foreground click's term above this share of CLICK_GAIN may take another structure's voxel
 
 
@@ -60,16 +64,19 @@ def refine(image: np.ndarray, labels: np.ndarray, probability: np.ndarray | None
 
     current = labels == label_id
     prior = _prior(probability, current)
-    box = _crop(current, prior, fg + bg, scribbles if has_scribbles else None, spacing)
+    if has_scribbles:  # each stroke also acts as a click at its middle voxel
+        fg, bg = fg + _stroke_points(scribbles == 1), bg + _stroke_points(scribbles == 2)
+    model_fg = prior > 0.5
+    scales = _click_scales(fg, bg, model_fg, spacing)
+    box = _crop(current, prior, list(zip(fg + bg, scales, strict=True)), scribbles if has_scribbles else None, spacing)
     sl = tuple(slice(a, b) for a, b in box)
     img = image[sl].astype(np.float32)
     noise = _noise_level(img)
     logit = np.clip(_logit(prior[sl]), -MODEL_CLIP, MODEL_CLIP)
     offset = np.array([a for a, _ in box])
-    if has_scribbles:  # each stroke also acts as a click at its middle voxel
-        fg, bg = fg + _stroke_points(scribbles == 1), bg + _stroke_points(scribbles == 2)
-    clicks = _click_terms([tuple(np.subtract(p, offset)) for p in fg], [tuple(np.subtract(p, offset)) for p in bg],
-                          img, noise, spacing, prior[sl] > 0.5)
+    signs = [1] * len(fg) + [-1] * len(bg)
+    local = [(g, tuple(np.subtract(p, offset)), sc) for g, p, sc in zip(signs, fg + bg, scales, strict=True)]
+    clicks = _click_terms(local, img, noise, spacing)
     seeds_fg = np.zeros(img.shape, bool)
     seeds_bg = np.zeros(img.shape, bool)
     for p in fg:
@@ -81,7 +88,7 @@ def refine(image: np.ndarray, labels: np.ndarray, probability: np.ndarray | None
         seeds_bg |= scribbles[sl] == 2
         clicks += _scribble_term(seeds_fg, spacing) - _scribble_term(seeds_bg, spacing)
     unary = logit + clicks
-    region = (_graph_cut(img / noise, unary) | seeds_fg) & ~seeds_bg  # seeds are hard constraints
+    region = (_graph_cut(img / noise, unary, spacing) | seeds_fg) & ~seeds_bg  # seeds are hard constraints
 
     out = labels.copy()
     crop_labels = out[sl]  # a view: writes go to out
@@ -222,60 +229,71 @@ def _noise_level(img: np.ndarray) -> float:
     return sd
 
 
-def _crop(current, prior, points, scribbles, spacing) -> list[tuple[int, int]]:
-    """Bounding box (start, stop per axis) of the region, the model's region and the input, grown by FAR_MM."""
-    shape = current.shape
-    lo = np.array(shape)
-    hi = np.zeros(3, int)
+def _crop(current, prior, clicks, scribbles, spacing) -> list[tuple[int, int]]:
+    """Bounding box (start, stop per axis) of the region, the model's region and the scribbles grown by MARGIN_MM,
+    and of each click's reach (``clicks``: (point, (near mm, far mm)))."""
+    shape, sp = current.shape, np.asarray(spacing)
+    lo, hi = np.array(shape), np.zeros(3, int)
+    grow = np.ceil(MARGIN_MM / sp).astype(int)
     for mask in (current, prior > 0.5, scribbles > 0 if scribbles is not None else None):
         if mask is None:
             continue
         idx = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
         if all(len(i) for i in idx):
-            lo = np.minimum(lo, [i[0] for i in idx])
-            hi = np.maximum(hi, [i[-1] + 1 for i in idx])
-    for p in points:
-        lo = np.minimum(lo, p)
-        hi = np.maximum(hi, np.add(p, 1))
-    grow = np.ceil(FAR_MM / np.asarray(spacing)).astype(int)
-    return [(int(max(0, a - g)), int(min(n, b + g))) for a, b, g, n in zip(lo, hi, grow, shape, strict=True)]
+            lo = np.minimum(lo, np.subtract([i[0] for i in idx], grow))
+            hi = np.maximum(hi, np.add([i[-1] + 1 for i in idx], grow))
+    for p, (_, far_s) in clicks:
+        reach = np.ceil(REACH * far_s / sp).astype(int)
+        lo = np.minimum(lo, np.subtract(p, reach))
+        hi = np.maximum(hi, np.add(p, reach + 1))
+    return [(int(max(0, a)), int(min(n, b))) for a, b, n in zip(lo, hi, shape, strict=True)]
 
 
-def _click_terms(fg, bg, img: np.ndarray, noise: float, spacing, model_fg: np.ndarray) -> np.ndarray:
-    """Net click log-odds at each voxel (positive: foreground) of clicks in crop coordinates.
+def _click_scales(fg, bg, model_fg: np.ndarray, spacing) -> list[tuple[float, float]]:
+    """(near, far) Gaussian scales in mm of each click (foreground, then background): the reach grows with the
+    click's distance r (mm) to the nearest voxel the model puts on the other side (its region's boundary): a
+    click in a thin boundary error reaches about a voxel, one in the middle of a missed organ NEAR_MM
+    unconditionally and FAR_MM over its similar-intensity region."""
+    from scipy import ndimage
 
-    A click's reach scales with the error it marks: its distance (mm) to the nearest voxel the model puts on
-    the other side (``model_fg``: the model's foreground). A click in a thin boundary error reaches about a
-    voxel; one in the middle of a missed organ reaches NEAR_MM unconditionally and FAR_MM over its
-    similar-intensity region. Near terms add up as the strongest of each side; a far term counts only where
-    its click is the nearest of all clicks reaching there, so a background click next to a foreground click
-    cannot wipe out the region the foreground click claimed.
+    if not fg and not bg:
+        return []
+    edge = np.argwhere(model_fg & ~ndimage.binary_erosion(model_fg))
+    out = []
+    for sign, points in ((1, fg), (-1, bg)):
+        for c in points:
+            same_side = bool(model_fg[c]) == (sign > 0)  # the model already agrees with the click
+            r = 0.0 if same_side else _distance_to(edge, c, spacing)
+            near_s = min(NEAR_MM, max(float(min(spacing)), r))
+            out.append((near_s, min(FAR_MM, max(near_s, 2.0 * r))))
+    return out
+
+
+def _click_terms(clicks, img: np.ndarray, noise: float, spacing) -> np.ndarray:
+    """Net click log-odds at each voxel (positive: foreground); ``clicks``: (sign, point in crop coordinates,
+    (near mm, far mm)). Near terms add up as the strongest of each side; a far term counts only where its click
+    is the nearest of all clicks reaching there, so a background click next to a foreground click cannot wipe
+    out the region the foreground click claimed.
     """
     near = {1: np.zeros(img.shape, np.float32), -1: np.zeros(img.shape, np.float32)}
     best_d2 = np.full(img.shape, np.inf, np.float32)
     far = np.zeros(img.shape, np.float32)  # signed far term of the nearest click
-    to_side = {1: _distance_to(model_fg, spacing) if fg else None, -1: _distance_to(~model_fg, spacing) if bg else None}
-    for sign, points in ((1, fg), (-1, bg)):
-        for c in points:
-            r = float(to_side[sign][c])
-            near_s = min(NEAR_MM, max(float(min(spacing)), r))
-            far_s = min(FAR_MM, max(near_s, 2.0 * r))
-            box, d2, connected = _click_reach(c, img, noise, spacing, far_s)
-            np.maximum(near[sign][box], np.exp(-d2 / (2 * near_s**2)), out=near[sign][box])
-            closer = connected & (d2 < best_d2[box])
-            best_d2[box][closer] = d2[closer]
-            far[box][closer] = sign * np.exp(-d2[closer] / (2 * far_s**2))
+    for sign, c, (near_s, far_s) in clicks:
+        box, d2, connected = _click_reach(c, img, noise, spacing, far_s)
+        np.maximum(near[sign][box], np.exp(-d2 / (2 * near_s**2)), out=near[sign][box])
+        closer = connected & (d2 < best_d2[box])
+        best_d2[box][closer] = d2[closer]
+        far[box][closer] = sign * np.exp(-d2[closer] / (2 * far_s**2))
     signed_near = near[1] - near[-1]
     return CLICK_GAIN * np.where(np.abs(signed_near) >= np.abs(far), signed_near, far)
 
 
-def _distance_to(mask: np.ndarray, spacing) -> np.ndarray:
-    """Distance (mm) from each voxel to the nearest voxel of ``mask`` (infinite where the mask is empty)."""
-    from scipy import ndimage
-
-    if not mask.any():
-        return np.full(mask.shape, np.inf, np.float32)
-    return ndimage.distance_transform_edt(~mask, sampling=spacing).astype(np.float32)
+def _distance_to(voxels: np.ndarray, c, spacing) -> float:
+    """Distance (mm) from voxel ``c`` to the nearest of ``voxels`` (N x 3 indices; infinite when there are none)."""
+    if not len(voxels):
+        return float("inf")
+    d2 = (((voxels - np.asarray(c)) * np.asarray(spacing, np.float32)) ** 2).sum(axis=1)
+    return float(np.sqrt(d2.min()))
 
 
 def _click_reach(c, img: np.ndarray, noise: float, spacing, far_mm: float):
@@ -283,7 +301,7 @@ def _click_reach(c, img: np.ndarray, noise: float, spacing, far_mm: float):
     from scipy import ndimage
 
     sp = np.asarray(spacing, np.float32)
-    reach = np.ceil(2.5 * far_mm / sp).astype(int)
+    reach = np.ceil(REACH * far_mm / sp).astype(int)
     box = tuple(slice(max(0, v - r), min(n, v + r + 1)) for v, r, n in zip(c, reach, img.shape, strict=True))
     local = img[box]
     centre = tuple(v - b.start for v, b in zip(c, box, strict=True))
@@ -327,12 +345,30 @@ def _point_mask(shape, centre) -> np.ndarray:
     return m
 
 
-def _graph_cut(img: np.ndarray, unary: np.ndarray) -> np.ndarray:
-    """Min cut of the unary log-odds + contrast-sensitive pairwise term: the foreground mask."""
+def _graph_cut(img: np.ndarray, unary: np.ndarray, spacing) -> np.ndarray:
+    """Min cut of the unary log-odds + contrast-sensitive pairwise term: the foreground mask.
+
+    A crop over GRAPH_VOXELS is cut on 2 x 2 blocks along the axes finer than FINE_MM (means of the image and
+    of the log-odds), and the result is repeated back: the max-flow time grows faster than the voxel count.
+    """
     import numpymaxflow
 
+    shape = img.shape
+    f = [2 if img.size > GRAPH_VOXELS and s < FINE_MM else 1 for s in spacing]
+    if f != [1, 1, 1]:
+        img, unary = _block_mean(img, f), _block_mean(unary, f)
     p_fg = 1.0 / (1.0 + np.exp(-np.clip(unary, -30, 30)))
     prob = np.stack([1.0 - p_fg, p_fg]).astype(np.float32)
     np.clip(prob, 1e-7, 1 - 1e-7, out=prob)
-    out = numpymaxflow.maxflow(img[None].astype(np.float32), prob, LAMDA, SIGMA, 6)
-    return np.asarray(out).reshape(img.shape) > 0.5
+    out = np.asarray(numpymaxflow.maxflow(img[None].astype(np.float32), prob, LAMDA, SIGMA, 6)).reshape(img.shape)
+    for ax, k in enumerate(f):
+        if k > 1:
+            out = np.repeat(out, k, axis=ax)
+    return out[: shape[0], : shape[1], : shape[2]] > 0.5
+
+
+def _block_mean(a: np.ndarray, f) -> np.ndarray:
+    pad = [(0, (-n) % k) for n, k in zip(a.shape, f, strict=True)]
+    a = np.pad(a.astype(np.float32), pad, mode="edge")
+    s = a.shape
+    return a.reshape(s[0] // f[0], f[0], s[1] // f[1], f[1], s[2] // f[2], f[2]).mean(axis=(1, 3, 5))
