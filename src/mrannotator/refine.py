@@ -10,19 +10,23 @@ uint8 scaled by 255 as :mod:`mrannotator.probcache` keeps it); ``scribbles`` is 
 from another structure only where the user's foreground says so (a click's sphere of influence or a
 foreground scribble); every other voxel keeps its label.
 
-Method (chosen by measurement on the phantoms, see bench/README.md): a binary graph cut (``numpymaxflow``,
-Boykov-Kolmogorov, 6-connectivity) on a crop around the structure and the user's input.
+Method (chosen by measurement on the phantoms; figures in README "Correct by clicking" and bench/README.md):
+a binary graph cut (``numpymaxflow``, Boykov-Kolmogorov, 6-connectivity) on a crop around the structure.
 
 - Unary: the model's log-odds, clipped to +-``MODEL_CLIP`` (the model is a prior, never a certainty), plus
-  for each click a term of height ``CLICK_GAIN`` that decays as a Gaussian of the distance in mm: within
-  ``NEAR_MM`` unconditionally, within ``FAR_MM`` only over the connected region of voxels whose intensity
-  is close to the intensity around the click (so one click fixes a region of the tissue clicked on, not
-  one voxel, and does not spill over an edge). Foreground clicks add, background clicks subtract.
-  Clicked voxels and scribbles are hard seeds.
-- Pairwise: ``exp(-(I_p - I_q)^2 / 2 sigma^2)`` on the image divided by its noise level (robust MAD of
-  neighbour differences), so the cut follows edges whatever the scanner's intensity scale.
-- Crop: the structure's current region, the model's region (p > 0.5) and every click, each grown by
-  ``FAR_MM``; the graph never sees the rest of the image, so the time follows the structure, not the image.
+  for each click a term of height ``CLICK_GAIN`` that decays as a Gaussian of the distance in mm. Its
+  scale grows with the click's distance r to the edge of the model's region on the other side (a click in
+  a thin boundary error moves about a voxel; a fixed 6-10 mm sphere measured wiping small organs out): up
+  to ``NEAR_MM`` unconditionally and up to ``FAR_MM`` (2 r) over the connected region of voxels whose
+  intensity is close to the click's (so one click fixes a region of the tissue clicked on, not one voxel,
+  and does not spill over an edge). Where clicks compete, the nearest click's far term counts.
+  Clicked voxels and scribbles are hard seeds; each scribble stroke also acts as a click.
+- Pairwise: ``LAMDA * exp(-(I_p - I_q)^2 / 2 SIGMA^2)`` on the image divided by its noise level (robust MAD
+  of neighbour differences), so the cut follows edges whatever the scanner's intensity scale.
+- Crop: the structure's current region and the model's region (p > 0.5) grown by ``MARGIN_MM``, and each
+  click's reach; crops over ``GRAPH_VOXELS`` are cut on 2 x 2 blocks along axes finer than ``FINE_MM``.
+- A voxel of another structure is taken only under a foreground seed or where the net click term is over
+  ``TAKE_FROM_OTHERS`` x ``CLICK_GAIN``; voxels of other structures never move otherwise.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ FAR_MM = 30.0  # influence over the click's connected similar-intensity region (
 SIMILAR_NOISE = 4.5  # intensity tolerance around the click's intensity, in noise standard deviations
 LAMDA = 4.0  # weight of the pairwise (edge) term against the unary (7 wiped out small organs on the easy site)
 SIGMA = 2.5  # intensity difference (in noise standard deviations) that counts as an edge
-REACH = 2.0  # a click acts within REACH x its Gaussian scale (the term is 0.135 x CLICK_GAIN there)
+REACH = 2.5  # a click acts within REACH x its Gaussian scale (the term is 0.044 x CLICK_GAIN there)
 MARGIN_MM = 8.0  # the crop around the current and the model's region (clicks add their own reach)
 GRAPH_VOXELS = 300_000  # a larger crop is cut on 2 x 2 blocks along its axes finer than FINE_MM
 FINE_MM = 1.6
