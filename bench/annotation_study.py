@@ -84,9 +84,12 @@ def site_seeds(repeat: int = 0) -> dict[str, int]:
 
 
 def make_site(root: Path, weights: Path, pool: int, heldout: int, original: int, replay: int,
-              seeds: dict[str, int] | None = None) -> Site:
-    """Write the studies folder (pool + replay images) and the held-out images, with their truths."""
+              seeds: dict[str, int] | None = None, new_site: str = NEW_SITE) -> Site:
+    """Write the studies folder (pool + replay images) and the held-out images, with their truths.
+
+    ``new_site``: a contrast of ``mrannotator.sites`` or a hard site of ``mrannotator.hard_sites``."""
     seeds = seeds or SEEDS
+    from mrannotator.hard_sites import HARD_SITES, make_hard_phantom
     from mrannotator.sites import make_site_phantom
 
     structures = model_structures(weights)
@@ -99,7 +102,8 @@ def make_site(root: Path, weights: Path, pool: int, heldout: int, original: int,
     def write(kind: str, site: str, n: int, folder: Path) -> list[Case]:
         cases = []
         for k in range(n):
-            ph = make_site_phantom(REGION, seed=seeds[kind] + k, site=site)
+            ph = (make_hard_phantom(seeds[kind] + k, site)[0] if site in HARD_SITES
+                  else make_site_phantom(REGION, seed=seeds[kind] + k, site=site))
             name = f"{kind}_{k:02d}"
             truth = nib.Nifti1Image(lut[np.asanyarray(ph.labels.dataobj)], ph.labels.affine, ph.labels.header)
             nib.save(ph.image, folder / f"{name}.nii.gz")
@@ -107,9 +111,9 @@ def make_site(root: Path, weights: Path, pool: int, heldout: int, original: int,
             cases.append(Case(name, folder / f"{name}.nii.gz", truth_dir / f"{name}.nii.gz", site))
         return cases
 
-    return Site(studies=studies, pool=write("pool", NEW_SITE, pool, studies),
+    return Site(studies=studies, pool=write("pool", new_site, pool, studies),
                 replay=write("replay", "original", replay, studies),
-                heldout_new=write("new_site", NEW_SITE, heldout, heldout_dir),
+                heldout_new=write("new_site", new_site, heldout, heldout_dir),
                 heldout_original=write("original", "original", original, heldout_dir),
                 structures=structures)
 
@@ -410,7 +414,9 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout", type=int, default=8, help="held-out new-site phantoms")
     ap.add_argument("--original", type=int, default=8, help="held-out original-contrast phantoms")
     ap.add_argument("--replay", type=int, default=8, help="labelled original-contrast cases in the datastore")
-    ap.add_argument("--arms", default="uncertainty,random")
+    ap.add_argument("--arms", default=None, help="default uncertainty,random (with --hard-site: + no_finetune)")
+    ap.add_argument("--hard-site", default=None,
+                    help="study v2 on this site of mrannotator.hard_sites: clicks then paint (bench/study_clicks.py)")
     ap.add_argument("--repeat", type=int, default=0, help="study repeat: other phantom seeds (see site_seeds)")
     ap.add_argument("--epochs", type=int, default=TRAIN_PARAMS["max_epochs"])
     ap.add_argument("--iterations", type=int, default=TRAIN_PARAMS["iterations"])
@@ -441,6 +447,14 @@ def main(argv=None) -> int:
 
     def log(msg: str) -> None:
         print(f"{datetime.now(UTC):%H:%M:%S} {msg}", flush=True)
+
+    if args.hard_site:
+        import study_clicks
+
+        args.arms = args.arms or ",".join(study_clicks.ARMS)
+        args.argv = sys.argv[1:] if argv is None else argv
+        return study_clicks.main_hard(args, sys.modules[__name__], schedule, train_params, deadline, log)
+    args.arms = args.arms or "uncertainty,random"
 
     result: dict = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
