@@ -214,6 +214,13 @@ def test_seg_labels_without_catalogue_code_fall_back_to_names_and_unknown_ones_a
     with pytest.raises(SegImportError, match="not a DICOM SEG"):
         labels_from_seg(entry["datasets"][0], entry["datasets"])
 
+    # a segment labelled "background" (a viewer listing a model's label 0) stands for no structure: left out
+    with_background = _highdicom_seg(entry, structures, [1, 2], code_of={structures[1].name: tissue},
+                                     label_of={structures[0].name: structures[0].name,
+                                               structures[1].name: "background"})
+    data = np.asanyarray(labels_from_seg(with_background, entry["datasets"]).dataobj)
+    assert np.array_equal(data, np.where(truth == structures[0].id, truth, 0))
+
 
 # ------------------------------------------------------------------------------------- the server on the PACS
 def test_listing_has_the_mr_series_and_not_the_ct_localizer_or_derived(server, dicom):

@@ -78,6 +78,11 @@ def segment_structures(seg: Dataset, catalogue: LabelCatalogue | None = None) ->
     catalogue = catalogue or load_catalogue()
     out = {}
     for item in seg.get("SegmentSequence", []):
+        if str(item.get("SegmentLabel", "") or "").strip().lower() == "background":
+            # viewers list the label 0 of a MONAI Label model as a segment (OHIF's MONAI Label panel, for the
+            # refine task's "background" points): it stands for no structure, so it is not read
+            logger.info(f"SEG segment {item.get('SegmentNumber', '?')} 'background' is not a structure: left out")
+            continue
         out[int(item.SegmentNumber)] = structure_of_segment(item, catalogue)
     if not out:
         raise SegImportError("the SEG has no segments")
