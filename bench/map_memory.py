@@ -22,15 +22,14 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import memory
 import psutil
 from dicom_refusal import refused_inputs, timed  # bench/ is on the path when run as a script
-from memory import DEMO, GIB, TreePeak, make_image, wait_for_memory
+from memory import DEMO, GIB, TreePeak, make_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,19 +50,14 @@ class TreeRSS(TreePeak):
         self.peak_rss_sum = max(self.peak_rss_sum, total)
         return super().rss()
 
+    def figures(self) -> dict:  # the keys bench/results/map_memory.json (and tests/test_map_resources.py) use
+        return {"peak_rss_tree_mib": round(self.peak_rss_sum / 2**20), "peak_pss_tree_mib": round(self.peak / 2**20),
+                "peak_rss_one_process_mib": round(self.peak_single / 2**20)}
+
 
 def run_tree(cmd: list[str], env: dict, cap: int) -> dict:
-    wait_for_memory(cap)
-    t = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    with TreeRSS(p.pid, cap, kill_group=p.pid) as peak:
-        out = p.communicate()[0].decode(errors="replace")
-    if p.returncode:
-        why = " (over the cap)" if peak.killed else ""
-        raise RuntimeError(f"{' '.join(cmd)}: exit {p.returncode}{why}\n{out[-3000:]}")
-    return {"wall_s": round(time.perf_counter() - t, 1), "peak_rss_tree_mib": round(peak.peak_rss_sum / 2**20),
-            "peak_pss_tree_mib": round(peak.peak / 2**20), "peak_rss_one_process_mib": round(peak.peak_single / 2**20),
-            "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
+    record = memory.run_tree(cmd, env, cap, tracker=TreeRSS)
+    return {**record, "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
 
 
 def refusals(root: Path, repeat: int, env: dict) -> dict:

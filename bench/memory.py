@@ -93,6 +93,9 @@ class TreePeak:
                 return
             time.sleep(0.05)
 
+    def figures(self) -> dict:
+        return {"peak_pss_mib": round(self.peak / 2**20), "peak_rss_one_process_mib": round(self.peak_single / 2**20)}
+
     def __enter__(self):
         self._thread.start()
         return self
@@ -110,18 +113,18 @@ def wait_for_memory(cap: int) -> None:
     raise SystemExit(f"less than {(cap + GIB) / GIB:.1f} GiB available for 10 minutes: not running")
 
 
-def run_tree(cmd: list[str], env: dict, cap: int) -> dict:
+def run_tree(cmd: list[str], env: dict, cap: int, tracker: type[TreePeak] = TreePeak) -> dict:
+    """Run ``cmd`` as a fresh process tree under ``tracker``: wall time and the tracker's figures."""
     wait_for_memory(cap)
     t = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    with TreePeak(p.pid, cap, kill_group=p.pid) as peak:
+    with tracker(p.pid, cap, kill_group=p.pid) as peak:
         out = p.communicate()[0].decode(errors="replace")
     dt = time.perf_counter() - t
     if p.returncode:
         reason = f"killed over the {cap / GIB:.1f} GiB cap" if peak.killed else f"exit {p.returncode}"
         raise RuntimeError(f"{' '.join(cmd)}: {reason}\n{out[-3000:]}")
-    return {"wall_s": round(dt, 1), "peak_pss_mib": round(peak.peak / 2**20),
-            "peak_rss_one_process_mib": round(peak.peak_single / 2**20)}
+    return {"wall_s": round(dt, 1), **peak.figures()}
 
 
 def engine_cli(image: Path, out: Path, cap: int) -> dict:
