@@ -39,6 +39,16 @@ def segmenter(demo_weights):
     return Segmenter(weights=demo_weights, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def realm():
+    """A Keycloak-like realm on 127.0.0.1 (mrannotator.testing.realm_support.Realm), one per test module."""
+    from mrannotator.testing.realm_support import Realm
+
+    r = Realm()
+    yield r
+    r.stop()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "unit: engine and library tests, no server")
     config.addinivalue_line("markers", "server: starts a real MONAI Label server on 127.0.0.1")

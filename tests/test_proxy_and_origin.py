@@ -20,7 +20,7 @@ import requests
 from mrannotator.phantoms import make_phantom
 from mrannotator.testing import orthanc_support
 from mrannotator.testing.dicom_fixtures import write_series
-from mrannotator.testing.realm_support import CLIENT_ID, Realm
+from mrannotator.testing.realm_support import CLIENT_ID
 from mrannotator.testing.server_support import start_server, stop_server
 
 pytestmark = [pytest.mark.pacs, pytest.mark.timeout(900)]
@@ -48,13 +48,6 @@ HOSTILE = [
     ("POST", "/proxy/dicom/wado/..%2F..%2Ftools%2Freset"),
     ("POST", f"/proxy/dicom/qido/studies/{STUDY}/series"),
 ]
-
-
-@pytest.fixture(scope="module")
-def realm():
-    r = Realm()
-    yield r
-    r.stop()
 
 
 @pytest.fixture(scope="module")

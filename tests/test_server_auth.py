@@ -16,7 +16,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mrannotator.phantoms import make_phantom
-from mrannotator.testing.realm_support import CLIENT_ID, ROLES, Realm
+from mrannotator.testing.realm_support import CLIENT_ID, ROLES
 from mrannotator.testing.server_support import body_of, client_status, start_server, stop_server
 
 pytestmark = pytest.mark.timeout(900)
@@ -26,13 +26,6 @@ def _adapter():
     from lib import monailabel_adapter
 
     return monailabel_adapter
-
-
-@pytest.fixture(scope="module")
-def realm():
-    r = Realm()
-    yield r
-    r.stop()
 
 
 @pytest.fixture(scope="module")

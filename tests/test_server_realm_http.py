@@ -38,13 +38,6 @@ RETRY_S, MIN_REFRESH_S = 2, 1  # the server's negative cache and rate limit on k
 
 
 @pytest.fixture(scope="module")
-def realm():
-    r = Realm()
-    yield r
-    r.stop()
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory, realm, demo_weights):
     root = tmp_path_factory.mktemp("realm_http")
     studies = root / "studies"
