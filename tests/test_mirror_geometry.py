@@ -155,7 +155,11 @@ def test_a_mirrored_label_is_refused_by_save_label_and_quarantined_as_a_seg(serv
     entry = series[AFFECTED]
     uid = entry["uid"]
     server["client"].infer("mrannotator_abdomen", uid, {})  # the proposal the check compares with
-    assert list(server["cache"].glob(f"*/proposals/{uid}.nii.gz"))
+    kept = next(server["cache"].glob(f"*/proposals/{uid}.nii.gz"))
+    proposal = kept.read_bytes()
+    # a refinement's answer (here a background click) is not the model's proposal: the kept one stays
+    server["client"].infer("mrannotator_refine", uid, {"label": "liver", "foreground": [], "background": [[0, 0, 0]]})
+    assert kept.read_bytes() == proposal
     before = _segs_of(pacs, uid)
     mirrored = nib.Nifti1Image(np.ascontiguousarray(np.asanyarray(_correction(entry).dataobj)[:, :, ::-1]),
                                entry["volume"].affine)

@@ -35,6 +35,7 @@ from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.interfaces.tasks.infer_v2 import InferType
 
 import mrannotator
 from mrannotator.catalogue import load_catalogue
@@ -129,7 +130,9 @@ class MRAnnotatorApp(MONAILabelApp):  # MONAI Label's loader wants MONAILabelApp
                 raise not_found(f"image {image!r} is not in the datastore")
         try:
             result = super().infer(request, datastore)
-            if listed:  # the proposal a final label of this series is checked against (lib/label_guard.py)
+            if listed and tasks(self, "infers")[model].type == InferType.SEGMENTATION:
+                # the model's proposal a final label of this series is checked against (lib/label_guard.py);
+                # not a refinement's answer (scribbles answer one structure's mask as value 1)
                 keep_proposal(ds, image, result.get("file"))
             if save_label and result.get("file") and os.path.exists(result["file"]):  # what MONAI Label would do
                 tag = request.get("label_tag") or DefaultLabelTag.ORIGINAL
