@@ -4,7 +4,7 @@ A real server (demo weights, CPU) with one abdomen and one knee phantom labeled:
 trains two region models (multi-model run, 1 epoch of 1 iteration). First a complete run through
 ``POST /train/`` switches both models to one new version; its train stats list the fault points it
 passed. Then the training command MONAI Label itself runs (``python -m monailabel.interfaces.utils.app
--m train``) is started 5 times with ``MRANNOTATOR_TRAIN_KILL_AT`` at a random one of those points
+-m train``) is started 3 times with ``MRANNOTATOR_TRAIN_KILL_AT`` at a random one of those points
 (seeded, printed): each run SIGKILLs itself, and the server keeps serving the previous version with
 identical labels; the run's temp dir (its TMPDIR, standing in for /tmp) holds nothing; the next start
 of the app removes the killed run's work folder. A last complete run switches both models again.
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.timeout(1500)
 
 TRAIN = {"max_epochs": 1, "iterations": 1, "val_iterations": 1}
 CONF = {"epochs": "1", "iterations": "1", "val_iterations": "1", "threads": "1", "regions": "abdomen,knee"}
-KILLS = 5
+KILLS = 3  # seeded random points of the run; every CI run draws others (MRANNOTATOR_FAULT_SEED replays one)
 
 
 @pytest.fixture(scope="module")
