@@ -56,6 +56,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "browser: drives Debian's chromium through Playwright")
     config.addinivalue_line("markers", "cluster: starts Ray (local or `ray start` nodes)")
     config.addinivalue_line("markers", "study: an annotation study or benchmark-sized run")
+    config.addinivalue_line("markers", "exclusive: runs with nothing else (scripts/test.sh's second phase): a "
+                            "browser, Ray on the whole machine, or an answer-time bound")
 
 
 def ci_forbids_skips() -> bool:
@@ -85,17 +87,26 @@ LANES = {
     "test_weights": "unit",
 }
 LANE_NAMES = ("unit", "server", "pacs", "browser", "cluster", "study")
+# scripts/test.sh runs the suite in two phases: every module not marked ``exclusive`` on two pytest-xdist
+# workers (a module stays on one worker), then the exclusive ones alone. Exclusive: the browser and cluster
+# lanes (chromium's timeouts; Ray sessions and `ray start` nodes of the whole machine) and the modules that
+# bound an answer time (a second worker's load must not decide them).
+EXCLUSIVE_LANES = ("browser", "cluster")
+EXCLUSIVE_MODULES = {"test_dicom_quirks", "test_pacs_outage", "test_proxy_and_origin", "test_server_load",
+                     "test_server_realm_http", "test_web_rules"}  # quirks: its batch face starts a local Ray
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     unlaned = set()
     for item in items:
-        if any(item.get_closest_marker(lane) for lane in LANE_NAMES):
-            continue
         module = item.module.__name__.rsplit(".", 1)[-1]
-        if module in LANES:
-            item.add_marker(getattr(pytest.mark, LANES[module]))
-        else:
-            unlaned.add(module)
+        if not any(item.get_closest_marker(lane) for lane in LANE_NAMES):
+            if module in LANES:
+                item.add_marker(getattr(pytest.mark, LANES[module]))
+            else:
+                unlaned.add(module)
+        if module in EXCLUSIVE_MODULES or any(item.get_closest_marker(lane) for lane in EXCLUSIVE_LANES):
+            item.add_marker(pytest.mark.exclusive)
     if unlaned:
         raise pytest.UsageError(f"test modules in no lane (add pytestmark or a LANES entry): {sorted(unlaned)}")
