@@ -199,3 +199,37 @@ def _the_token_works_as_an_annotators(setup, token: str) -> None:
     assert len(set(orthanc_support.seg_series(setup["pacs"], series)) - before) == 1
     print("with the browser's token: QIDO 200, /info/ 200, save label 200 (SEG in the PACS), DELETE 403; "
           "no token / unknown opaque token / forged JWT: 401")
+
+
+def test_the_provider_refuses_a_code_without_its_pkce_verifier(setup):
+    """The login above proves PKCE only if the provider checks the verifier: a wrong or missing one is refused,
+    and so is an authorization request without an S256 challenge."""
+    import base64
+    import hashlib
+    import secrets
+
+    idp, callback = setup["idp"].url, f"{setup['server']['url']}/viewer/callback"
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+
+    def code(**pkce) -> dict:
+        query = {"client_id": CLIENT_ID, "redirect_uri": callback, "response_type": "code", "scope": "openid",
+                 "state": "s", **pkce}
+        r = requests.post(f"{idp}/oauth2/authorize", params=query, data={"sub": ANNOTATOR["sub"]},
+                          allow_redirects=False, timeout=30)
+        assert r.status_code == 302, r.text
+        return parse_qs(urlparse(r.headers["Location"]).query)
+
+    def exchange(verifier_sent: str | None) -> requests.Response:
+        form = {"grant_type": "authorization_code", "redirect_uri": callback, "client_id": CLIENT_ID,
+                "code": code(code_challenge=challenge, code_challenge_method="S256")["code"][0]}
+        if verifier_sent is not None:
+            form["code_verifier"] = verifier_sent
+        return requests.post(f"{idp}/oauth2/token", data=form, timeout=30)
+
+    assert code()["error"] == ["invalid_request"]  # no challenge
+    assert code(code_challenge=verifier, code_challenge_method="plain")["error"] == ["invalid_request"]
+    wrong, missing, right = exchange(secrets.token_urlsafe(48)), exchange(None), exchange(verifier)
+    assert (wrong.status_code, wrong.json()["error"]) == (400, "invalid_grant"), wrong.text
+    assert (missing.status_code, missing.json()["error"]) == (400, "invalid_request"), missing.text
+    assert right.status_code == 200 and right.json()["access_token"], right.text
