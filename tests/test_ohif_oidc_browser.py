@@ -196,9 +196,32 @@ def _the_token_works_as_an_annotators(setup, token: str) -> None:
         r = requests.put(f"{url}/datastore/label?image={series}&tag=final", headers=bearer,
                          files={"label": ("label.nii.gz", f)}, timeout=300)
     assert r.status_code == 200, r.text
-    assert len(set(orthanc_support.seg_series(setup["pacs"], series)) - before) == 1
-    print("with the browser's token: QIDO 200, /info/ 200, save label 200 (SEG in the PACS), DELETE 403; "
-          "no token / unknown opaque token / forged JWT: 401")
+    (saved,) = set(orthanc_support.seg_series(setup["pacs"], series)) - before
+    _stow_a_copy(setup, saved, bearer)
+    print("with the browser's token: QIDO 200, /info/ 200, save label 200 (SEG in the PACS), STOW of a SEG 200, "
+          "DELETE 403; no token / unknown opaque token / forged JWT: 401")
+
+
+def _stow_a_copy(setup, seg_series: str, bearer: dict) -> None:
+    """What OHIF's "Export DICOM SEG" sends: a SEG in a STOW-RS POST to the proxy's WADO root, with the token."""
+    import io
+
+    import pydicom
+
+    client = orthanc_support.dicomweb(setup["pacs"])
+    study = client.search_for_series(search_filters={"SeriesInstanceUID": seg_series})[0]["0020000D"]["Value"][0]
+    (seg,) = client.retrieve_series(study, seg_series)
+    seg.SeriesInstanceUID, seg.SOPInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    seg.file_meta.MediaStorageSOPInstanceUID = seg.SOPInstanceUID
+    out = io.BytesIO()
+    seg.save_as(out, enforce_file_format=True)
+    body = b"--mra\r\nContent-Type: application/dicom\r\n\r\n" + out.getvalue() + b"\r\n--mra--\r\n"
+    headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=mra'}
+    url = f"{setup['server']['url']}/proxy/dicom/wado/studies"
+    assert requests.post(url, data=body, headers=headers, timeout=60).status_code == 401
+    r = requests.post(url, data=body, headers={**headers, **bearer}, timeout=60)
+    assert r.status_code == 200, (r.status_code, r.text[:300])
+    assert str(seg.SeriesInstanceUID) in orthanc_support.seg_series(setup["pacs"], setup["series"])
 
 
 def test_the_provider_refuses_a_code_without_its_pkce_verifier(setup):
