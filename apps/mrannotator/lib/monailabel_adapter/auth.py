@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from monailabel.config import settings
 
+from . import userinfo
 from .realm_keys import LEGACY, KeyPolicy, RealmKeys, RealmUnavailable
 from .roles import ROLE_ORDER, role_names
 
@@ -78,7 +79,10 @@ def _checked_claims(token: str, store: RealmKeys, fetched: bool | None) -> dict[
 def verify_token(token: str) -> dict[str, Any]:
     """Claims of a valid access token; ``jwt.InvalidTokenError`` for a bad signature, audience, issuer,
     algorithm, type or an expired token; RealmUnavailable when its key cannot be read now (may block for
-    one bounded key fetch: use :func:`verify_token_async` on the event loop)."""
+    one bounded key fetch: use :func:`verify_token_async` on the event loop). An opaque token goes to the
+    realm's userinfo endpoint when MRANNOTATOR_AUTH_USERINFO is on (:mod:`.userinfo`)."""
+    if userinfo.enabled() and userinfo.is_opaque(token):
+        return _userinfo().claims(token)
     store = realm_keys(settings.MONAI_LABEL_AUTH_REALM_URI)
     claims = _checked_claims(token, store, None)
     if claims is None:
@@ -89,6 +93,8 @@ def verify_token(token: str) -> dict[str, Any]:
 async def verify_token_async(token: str) -> dict[str, Any]:
     """:func:`verify_token` for the event loop: cached keys are used at once; a needed fetch runs in a
     worker thread, shared by every request that needs it, and waits at most the fetch timeout."""
+    if userinfo.enabled() and userinfo.is_opaque(token):
+        return await userinfo.claims_async(_userinfo(), token)
     store = realm_keys(settings.MONAI_LABEL_AUTH_REALM_URI)
     claims = _checked_claims(token, store, None)
     if claims is None:
@@ -96,6 +102,10 @@ async def verify_token_async(token: str) -> dict[str, Any]:
     elif store.stale() and store.unavailable() is None:
         _refresh_task(store).add_done_callback(lambda f: f.cancelled() or f.exception())  # in the background
     return claims
+
+
+def _userinfo() -> userinfo.Userinfo:
+    return userinfo.for_realm(settings.MONAI_LABEL_AUTH_REALM_URI, float(settings.MONAI_LABEL_AUTH_TIMEOUT))
 
 
 def _refresh_task(store: RealmKeys) -> asyncio.Future:

@@ -7,9 +7,9 @@ compiled in (Segmentation panel: add / delete / rename segments, brush, eraser, 
 one, with this server's own ``app-config.js``: one DICOMweb data source, the server's ``/proxy/dicom``
 (same origin: no CORS, the PACS credentials stay in the server), study list on, no other data source.
 
-The viewer's files need the user role, as /ohif/ (``roles.py``); every request for data goes through the proxy
-and MONAI Label routes, which check the token as before. Logging in from the browser (OIDC in app-config.js)
-is not done yet; it would need these files public (a browser loads them before it has a token).
+The viewer's files are public (``roles.py``: a browser loads them before it has a token); every request for
+data goes through the proxy and MONAI Label routes, which check the token as before. With auth on, OHIF logs
+in from the browser (``oidc`` in app-config.js, authorization code + PKCE: ``ohif_oidc.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import mimetypes
 from pathlib import Path
 
 from fastapi import Request
+
+from .ohif_oidc import oidc_clients
 
 MOUNT = "/viewer"
 VIEWER_DIR = Path(__file__).resolve().parents[2] / "ohif_viewer"
@@ -65,6 +67,8 @@ def app_config() -> str:
         "defaultDataSourceName": "mrannotator",
         "dataSources": [data_source("__ORIGIN__/proxy/dicom")],
     }
+    if (oidc := oidc_clients()) is not None:
+        config["oidc"] = oidc
     text = json.dumps(config, indent=2).replace('"__ORIGIN__', 'window.location.origin + "')
     header = "/** MRAnnotator: written by the server (lib/monailabel_adapter/ohif_viewer.py). */"
     return f"{header}\nwindow.config = {text};\n"

@@ -45,9 +45,10 @@ ROUTE_ROLES: dict[tuple[str, str], str] = {
     ("GET", "/favicon.ico"): "user",
     ("GET", "/static/{path:path}"): "user",
     ("GET", "/ohif/{path:path}"): "user",
-    # the current OHIF (ohif_viewer.py), as /ohif/; an OIDC login in the browser would need its files PUBLIC
-    ("GET", "/viewer"): "user",
-    ("GET", "/viewer/{path:path}"): "user",
+    # the current OHIF (ohif_viewer.py): public, a browser loads it before it logs in (OIDC, ohif_oidc.py);
+    # its files hold no data and no secret, every data request it makes needs a token
+    ("GET", "/viewer"): PUBLIC,
+    ("GET", "/viewer/{path:path}"): PUBLIC,
     ("GET", "/proxy/dicom/wado/{path:path}"): "user",
     ("GET", "/proxy/dicom/qido/{path:path}"): "user",
     ("GET", "/proxy/dicom/{path:path}"): "user",
