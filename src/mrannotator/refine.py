@@ -125,6 +125,7 @@ def refine_segmentation(segmentation, image, structure, foreground=(), backgroun
     from .catalogue import load_catalogue
     from .imageio import load_image
     from .orientation import voxel_spacing
+    from .refine_shape import long_axis_of
 
     img = load_image(image)
     labels = np.asanyarray(segmentation.labels.dataobj)
@@ -144,7 +145,7 @@ def refine_segmentation(segmentation, image, structure, foreground=(), backgroun
         raise InputError(f"unknown structure {structure!r}: this segmentation has "
                          f"{', '.join(x.name for x in known.values()) or 'none'}")
     new = refine(np.asanyarray(img.dataobj), labels, probs.get(s.id), s.id, foreground, background, scribbles,
-                 voxel_spacing(img.affine))
+                 voxel_spacing(img.affine), long_axis_of(img.affine))
     present = set(np.unique(new).tolist()) - {0}
     by_id = known
     return replace(segmentation, labels=nib.Nifti1Image(new.astype(np.uint8), segmentation.labels.affine,

@@ -19,7 +19,7 @@ import numpy as np
 
 TUBULAR = ("aorta", "inferior_vena_cava", "esophagus")  # catalogue names
 TUBE_SIMILAR_NOISE = 1.5  # noise SDs (1.0: fragments; 2.0: leaks into neighbours of similar signal)
-TUBE_STRETCH = 2.0  # distances along the long axis count this many times less (3-4: overshoots the tube's ends)
+TUBE_STRETCH = 2.0  # distances along the long axis count this many times less (3: within noise of 2; 4: overshoots)
 
 
 @dataclass(frozen=True)

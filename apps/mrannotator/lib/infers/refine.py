@@ -32,6 +32,7 @@ from mrannotator.errors import InputError
 from mrannotator.imageio import load_image
 from mrannotator.orientation import voxel_spacing
 from mrannotator.refine import refine
+from mrannotator.refine_shape import long_axis_of
 
 
 class _RefineBase(InferTask):
@@ -69,7 +70,7 @@ class _RefineBase(InferTask):
             probs, labels = dict(result.probabilities or {}), np.asanyarray(result.labels.dataobj)
         try:
             new = refine(np.asanyarray(img.dataobj), labels, probs.get(sid), sid, foreground, background,
-                         scribbles, voxel_spacing(img.affine))
+                         scribbles, voxel_spacing(img.affine), long_axis_of(img.affine))
         except InputError as e:
             raise bad_request(f"cannot correct {request.get('label') or sid}: {e}") from e
         CACHE.set_labels(key, version, new)
