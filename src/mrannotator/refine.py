@@ -20,7 +20,8 @@ a binary graph cut (``numpymaxflow``, Boykov-Kolmogorov, 6-connectivity) on a cr
   to ``NEAR_MM`` unconditionally and up to ``FAR_MM`` (2 r) over the connected region of voxels whose
   intensity is close to the click's (so one click fixes a region of the tissue clicked on, not one voxel,
   and does not spill over an edge). Where clicks compete, the nearest click's far term counts.
-  Clicked voxels and scribbles are hard seeds; each scribble stroke also acts as a click.
+  Clicked voxels and scribbles are hard seeds; each scribble stroke also acts as a click. Tubular structures
+  (vessels) use a tighter tolerance and a reach stretched along the body (:mod:`mrannotator.refine_shape`).
 - Pairwise: ``LAMDA * exp(-(I_p - I_q)^2 / 2 SIGMA^2)`` on the image divided by its noise level (robust MAD
   of neighbour differences), so the cut follows edges whatever the scanner's intensity scale.
 - Crop: the structure's current region and the model's region (p > 0.5) grown by ``MARGIN_MM``, and each
