@@ -65,11 +65,13 @@ def correct_case(seg, refine, image: nib.Nifti1Image, truth: np.ndarray, structu
                  full: bool) -> dict[str, dict]:
     """Segment once (with probabilities), then click-correct each structure present in ``truth``."""
     from mrannotator.evaluation.clicks import simulate
+    from mrannotator.refine_shape import long_axis_of
 
     result = seg.segment(image, probabilities=True)
     start = np.asanyarray(result.labels.dataobj)
     data = np.asanyarray(image.dataobj).astype(np.float32)
     spacing = spacing_of(image.affine)
+    axis = long_axis_of(image.affine)
     out = {"segment_seconds": result.seconds}
     for sid, name in structures.items():
         mask = truth == sid
@@ -80,7 +82,7 @@ def correct_case(seg, refine, image: nib.Nifti1Image, truth: np.ndarray, structu
             prob = np.zeros(start.shape, np.float32)
 
         def run_refine(fg, bg, sid=sid, prob=prob):
-            return refine(data, start, prob, sid, foreground=fg, background=bg, spacing=spacing)
+            return refine(data, start, prob, sid, foreground=fg, background=bg, spacing=spacing, long_axis=axis)
 
         run = simulate(run_refine, start, mask, sid, MAX_CLICKS, spacing, None if full else enough)
         out[name] = {"dices": [round(d, 4) for d in run.dices], "seconds": [round(s, 4) for s in run.seconds],

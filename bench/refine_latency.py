@@ -60,6 +60,7 @@ def run_case(seg, ph, clicks: int, tmp: Path) -> dict:
     from mrannotator.orientation import voxel_spacing
     from mrannotator.probcache import ProbabilityCache
     from mrannotator.refine import refine
+    from mrannotator.refine_shape import long_axis_of
 
     cat = load_catalogue()
     img, truth = _resampled(ph)
@@ -69,6 +70,7 @@ def run_case(seg, ph, clicks: int, tmp: Path) -> dict:
     cache = ProbabilityCache(max_bytes=2**31)
     cache.put("img", "v", result.probabilities, np.asanyarray(result.labels.dataobj))
     spacing = voxel_spacing(img.affine)
+    axis = long_axis_of(img.affine)
     engine, task, peaks, dice = [], [], [], {}
     for sid in sorted(result.probabilities):
         t = truth == sid
@@ -83,16 +85,16 @@ def run_case(seg, ph, clicks: int, tmp: Path) -> dict:
             (fg if c[1] else bg).append(c[0])
             probs = cache.get("img", "v")
             t0 = time.perf_counter()
-            cur = refine(np.asanyarray(img.dataobj), cur, probs[sid], sid, fg, bg, spacing=spacing)
+            cur = refine(np.asanyarray(img.dataobj), cur, probs[sid], sid, fg, bg, spacing=spacing, long_axis=axis)
             engine.append(time.perf_counter() - t0)
             t0 = time.perf_counter()  # the server task's path: read the image, refine, write the result
             im = load_image(path)
-            new = refine(np.asanyarray(im.dataobj), cur, probs[sid], sid, fg, bg, spacing=spacing)
+            new = refine(np.asanyarray(im.dataobj), cur, probs[sid], sid, fg, bg, spacing=spacing, long_axis=axis)
             sitk.WriteImage(to_sitk(im, new), str(tmp / "out.nrrd"), useCompression=True)
             task.append(time.perf_counter() - t0)
             if len(peaks) < 3:
                 tracemalloc.start()
-                refine(np.asanyarray(img.dataobj), cur, probs[sid], sid, fg, bg, spacing=spacing)
+                refine(np.asanyarray(img.dataobj), cur, probs[sid], sid, fg, bg, spacing=spacing, long_axis=axis)
                 peaks.append(tracemalloc.get_traced_memory()[1])
                 tracemalloc.stop()
         dice[cat.by_id(sid).name] = round(float(2 * ((cur == sid) & t).sum() / max(1, (cur == sid).sum() + t.sum())), 4)

@@ -20,7 +20,8 @@ a binary graph cut (``numpymaxflow``, Boykov-Kolmogorov, 6-connectivity) on a cr
   to ``NEAR_MM`` unconditionally and up to ``FAR_MM`` (2 r) over the connected region of voxels whose
   intensity is close to the click's (so one click fixes a region of the tissue clicked on, not one voxel,
   and does not spill over an edge). Where clicks compete, the nearest click's far term counts.
-  Clicked voxels and scribbles are hard seeds; each scribble stroke also acts as a click.
+  Clicked voxels and scribbles are hard seeds; each scribble stroke also acts as a click. Tubular structures
+  (vessels) use a tighter tolerance and a reach stretched along the body (:mod:`mrannotator.refine_shape`).
 - Pairwise: ``LAMDA * exp(-(I_p - I_q)^2 / 2 SIGMA^2)`` on the image divided by its noise level (robust MAD
   of neighbour differences), so the cut follows edges whatever the scanner's intensity scale.
 - Crop: the structure's current region and the model's region (p > 0.5) grown by ``MARGIN_MM``, and each
@@ -34,6 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import InputError
+from .refine_shape import click_profile
 
 MODEL_CLIP = 4.0  # |log-odds| of the model's probability, at most (p in [0.018, 0.982])
 CLICK_GAIN = 10.0  # log-odds a click adds at its centre (beats any clipped model value)
@@ -51,9 +53,12 @@ TAKE_FROM_OTHERS = 0.1  # a foreground click's term above this share of CLICK_GA
 
 def refine(image: np.ndarray, labels: np.ndarray, probability: np.ndarray | None, label_id: int,
            foreground=(), background=(), scribbles: np.ndarray | None = None,
-           spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+           spacing=(1.0, 1.0, 1.0), long_axis: int | None = None) -> np.ndarray:
     """A new label map in which only structure ``label_id`` is re-solved from the probability, the user's
     foreground / background points (i, j, k voxel indices) or ``scribbles`` (1 fg, 2 bg) and the image.
+
+    ``long_axis``: the voxel axis along the body (:func:`mrannotator.refine_shape.long_axis_of`; None: the
+    coarsest axis); a click on a tubular structure reaches further along it (:mod:`mrannotator.refine_shape`).
 
     Raises :class:`~mrannotator.errors.InputError` for a point outside the image, an unknown label id, no
     points and no scribbles, or arrays of different shapes.
@@ -72,7 +77,10 @@ def refine(image: np.ndarray, labels: np.ndarray, probability: np.ndarray | None
         fg, bg = fg + _stroke_points(scribbles == 1), bg + _stroke_points(scribbles == 2)
     model_fg = prior > 0.5
     scales = _click_scales(fg, bg, model_fg, spacing)
-    box = _crop(current, prior, list(zip(fg + bg, scales, strict=True)), scribbles if has_scribbles else None, spacing)
+    profile = click_profile(label_id, SIMILAR_NOISE, long_axis, spacing)
+    reach_sp = profile.distance_spacing(spacing)
+    box = _crop(current, prior, list(zip(fg + bg, scales, strict=True)), scribbles if has_scribbles else None, spacing,
+                reach_sp)
     sl = tuple(slice(a, b) for a, b in box)
     img = image[sl].astype(np.float32)
     noise = _noise_level(img)
@@ -80,7 +88,7 @@ def refine(image: np.ndarray, labels: np.ndarray, probability: np.ndarray | None
     offset = np.array([a for a, _ in box])
     signs = [1] * len(fg) + [-1] * len(bg)
     local = [(g, tuple(np.subtract(p, offset)), sc) for g, p, sc in zip(signs, fg + bg, scales, strict=True)]
-    clicks = _click_terms(local, img, noise, spacing)
+    clicks = _click_terms(local, img, noise, reach_sp, profile.similar_noise)
     seeds_fg = np.zeros(img.shape, bool)
     seeds_bg = np.zeros(img.shape, bool)
     for p in fg:
@@ -118,6 +126,7 @@ def refine_segmentation(segmentation, image, structure, foreground=(), backgroun
     from .catalogue import load_catalogue
     from .imageio import load_image
     from .orientation import voxel_spacing
+    from .refine_shape import long_axis_of
 
     img = load_image(image)
     labels = np.asanyarray(segmentation.labels.dataobj)
@@ -137,7 +146,7 @@ def refine_segmentation(segmentation, image, structure, foreground=(), backgroun
         raise InputError(f"unknown structure {structure!r}: this segmentation has "
                          f"{', '.join(x.name for x in known.values()) or 'none'}")
     new = refine(np.asanyarray(img.dataobj), labels, probs.get(s.id), s.id, foreground, background, scribbles,
-                 voxel_spacing(img.affine))
+                 voxel_spacing(img.affine), long_axis_of(img.affine))
     present = set(np.unique(new).tolist()) - {0}
     by_id = known
     return replace(segmentation, labels=nib.Nifti1Image(new.astype(np.uint8), segmentation.labels.affine,
@@ -233,9 +242,9 @@ def _noise_level(img: np.ndarray) -> float:
     return sd
 
 
-def _crop(current, prior, clicks, scribbles, spacing) -> list[tuple[int, int]]:
+def _crop(current, prior, clicks, scribbles, spacing, reach_spacing) -> list[tuple[int, int]]:
     """Bounding box (start, stop per axis) of the region, the model's region and the scribbles grown by MARGIN_MM,
-    and of each click's reach (``clicks``: (point, (near mm, far mm)))."""
+    and of each click's reach (``clicks``: (point, (near mm, far mm)); distances on ``reach_spacing``)."""
     shape, sp = current.shape, np.asarray(spacing)
     lo, hi = np.array(shape), np.zeros(3, int)
     grow = np.ceil(MARGIN_MM / sp).astype(int)
@@ -247,7 +256,7 @@ def _crop(current, prior, clicks, scribbles, spacing) -> list[tuple[int, int]]:
             lo = np.minimum(lo, np.subtract([i[0] for i in idx], grow))
             hi = np.maximum(hi, np.add([i[-1] + 1 for i in idx], grow))
     for p, (_, far_s) in clicks:
-        reach = np.ceil(REACH * far_s / sp).astype(int)
+        reach = np.ceil(REACH * far_s / np.asarray(reach_spacing)).astype(int)
         lo = np.minimum(lo, np.subtract(p, reach))
         hi = np.maximum(hi, np.add(p, reach + 1))
     return [(int(max(0, a)), int(min(n, b))) for a, b, n in zip(lo, hi, shape, strict=True)]
@@ -273,7 +282,7 @@ def _click_scales(fg, bg, model_fg: np.ndarray, spacing) -> list[tuple[float, fl
     return out
 
 
-def _click_terms(clicks, img: np.ndarray, noise: float, spacing) -> np.ndarray:
+def _click_terms(clicks, img: np.ndarray, noise: float, spacing, similar_noise: float) -> np.ndarray:
     """Net click log-odds at each voxel (positive: foreground); ``clicks``: (sign, point in crop coordinates,
     (near mm, far mm)). Near terms add up as the strongest of each side; a far term counts only where its click
     is the nearest of all clicks reaching there, so a background click next to a foreground click cannot wipe
@@ -283,7 +292,7 @@ def _click_terms(clicks, img: np.ndarray, noise: float, spacing) -> np.ndarray:
     best_d2 = np.full(img.shape, np.inf, np.float32)
     far = np.zeros(img.shape, np.float32)  # signed far term of the nearest click
     for sign, c, (near_s, far_s) in clicks:
-        box, d2, connected = _click_reach(c, img, noise, spacing, far_s)
+        box, d2, connected = _click_reach(c, img, noise, spacing, far_s, similar_noise)
         np.maximum(near[sign][box], np.exp(-d2 / (2 * near_s**2)), out=near[sign][box])
         closer = connected & (d2 < best_d2[box])
         best_d2[box][closer] = d2[closer]
@@ -300,8 +309,9 @@ def _distance_to(voxels: np.ndarray, c, spacing) -> float:
     return float(np.sqrt(d2.min()))
 
 
-def _click_reach(c, img: np.ndarray, noise: float, spacing, far_mm: float):
-    """(box around click ``c``, squared mm distance to it in the box, its connected similar-intensity region)."""
+def _click_reach(c, img: np.ndarray, noise: float, spacing, far_mm: float, similar_noise: float):
+    """(box around click ``c``, squared mm distance to it in the box, its connected region within
+    ``similar_noise`` noise SDs of its intensity)."""
     from scipy import ndimage
 
     sp = np.asarray(spacing, np.float32)
@@ -313,7 +323,7 @@ def _click_reach(c, img: np.ndarray, noise: float, spacing, far_mm: float):
     d2 = sum(((g - v) * s) ** 2 for g, v, s in zip(grids, centre, sp, strict=True)).astype(np.float32)
     nb = tuple(slice(max(0, v - 1), v + 2) for v in centre)
     ref = float(np.median(local[nb]))
-    similar = ndimage.binary_opening(np.abs(local - ref) <= SIMILAR_NOISE * noise) | _point_mask(local.shape, centre)
+    similar = ndimage.binary_opening(np.abs(local - ref) <= similar_noise * noise) | _point_mask(local.shape, centre)
     comp, _ = ndimage.label(similar)
     return box, d2, comp == comp[centre]
 

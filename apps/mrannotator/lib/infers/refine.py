@@ -4,7 +4,8 @@
   <structure>: [[i, j, k], ...] (foreground clicks), "background": [[i, j, k], ...], ...}`` (one key per
   label of /info, points as voxel indices of the image as stored). A DeepGrow-style
   ``{"label", "foreground", "background"}`` is accepted too. Result: the whole corrected label map with
-  ``label_names`` (as the segment task returns it); Slicer imports it by ``label_names``.
+  ``label_names`` (as the segment task returns it; every id 1..max named, lib/infers/labelnames.py), which
+  Slicer reads by position.
 - ``mrannotator_scribbles`` (type scribbles): the Scribbles section sends the label file of all its
   segments (values 1..N in segment order, named by ``label_info``), with ``foreground_scribbles`` and
   ``background_scribbles`` among them, and ``selected_label_name``, the structure to correct. Slicer
@@ -24,12 +25,14 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.errors import bad_request, unprocessable
 from lib.infers.cache import CACHE, image_key, remember
+from lib.infers.labelnames import positional_label_names
 from lib.infers.segment import result_format, write_result
 from lib.service import ModelService
 from mrannotator.errors import InputError
 from mrannotator.imageio import load_image
 from mrannotator.orientation import voxel_spacing
 from mrannotator.refine import refine
+from mrannotator.refine_shape import long_axis_of
 
 
 class _RefineBase(InferTask):
@@ -67,7 +70,7 @@ class _RefineBase(InferTask):
             probs, labels = dict(result.probabilities or {}), np.asanyarray(result.labels.dataobj)
         try:
             new = refine(np.asanyarray(img.dataobj), labels, probs.get(sid), sid, foreground, background,
-                         scribbles, voxel_spacing(img.affine))
+                         scribbles, voxel_spacing(img.affine), long_axis_of(img.affine))
         except InputError as e:
             raise bad_request(f"cannot correct {request.get('label') or sid}: {e}") from e
         CACHE.set_labels(key, version, new)
@@ -76,8 +79,9 @@ class _RefineBase(InferTask):
     def answer(self, request, img, labels, label_names: dict, version: str, cached: bool, seconds: dict):
         ext, dtype_name = result_format(request)
         path = write_result(img, labels, ext, dtype_name)
-        return path, {"label_names": label_names, "model_version": version, "probabilities_cached": cached,
-                      "result_extension": ext, "result_dtype": dtype_name, "latencies": seconds}
+        return path, {"label_names": positional_label_names(label_names), "model_version": version,
+                      "probabilities_cached": cached, "result_extension": ext, "result_dtype": dtype_name,
+                      "latencies": seconds}
 
 
 class RefineInfer(_RefineBase):

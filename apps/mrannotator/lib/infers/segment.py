@@ -14,6 +14,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from lib.datastore import too_large
 from lib.errors import bad_request, unprocessable
 from lib.infers import cache
+from lib.infers.labelnames import positional_label_names
 from lib.service import ModelService, mean_entropy
 from mrannotator.errors import InputError
 from mrannotator.imageio import to_sitk
@@ -77,7 +78,7 @@ class SegmentInfer(InferTask):
         t2 = time.perf_counter()
 
         params = {
-            "label_names": {s.name: s.id for s in self.structures},
+            "label_names": positional_label_names({s.name: s.id for s in self.structures}),  # Slicer reads by position
             "structures": [s.as_dict() for s in result.structures],
             "models_run": result.models_run,
             "model_version": model_version,  # the published version that made this result
