@@ -129,6 +129,7 @@ def browser_page(server):
 
 
 def _shot(page, name: str) -> None:
+    time.sleep(0.7)  # dialogs and notifications fade in (times are taken before this)
     page.screenshot(path=str(ARTIFACTS / name))
 
 
