@@ -4,7 +4,7 @@ Real Orthanc (stopped and started on the same port and storage) and one real ser
 (1) the server starts while Orthanc is down and serves OHIF; (2) Orthanc starts: the study list fills (with
 the study description) without a server restart, the annotator opens a series; (3) Orthanc stops mid-session:
 the annotator's next actions (export the segmentation as DICOM SEG to the PACS, open another series, back to
-the study list) are answered within 5 s with a message on screen, also when Orthanc hangs (SIGSTOP: accepts,
+the study list, a link to another study) are answered within 5 s with a message on screen, also when Orthanc hangs (SIGSTOP: accepts,
 never answers); (4) Orthanc back: the same actions
 work again. Mouse and keyboard only. The answer times are measured twice: in the test (action -> message on
 screen) and by the browser (each /proxy/dicom request's own timing). Screenshots:
@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VIEWER = ROOT / "apps" / "mrannotator" / "ohif_viewer" / "index.html"
 ARTIFACTS = Path(os.environ.get("MRANNOTATOR_TEST_ARTIFACTS", ROOT / "build" / "test-artifacts")) / "ohif-pacs-outage"
 STUDY = "1.2.826.0.1.3680043.8.498.19"
+OTHER_STUDY = "1.2.826.0.1.3680043.8.498.20"
 PATIENT = "MRAOUTAGE"
 DESCRIPTION = "MR abdomen outage"
 ANSWER_WITHIN_S = 5.0
@@ -66,10 +67,14 @@ def pacs(tmp_path_factory):
                              study_instance_uid=STUDY, series_number=n + 1, series_description=f"T2 outage {n}",
                              study_description=DESCRIPTION, patient_id=PATIENT)
         uids.append(str(pydicom.dcmread(files[0]).SeriesInstanceUID))
+    other = write_series(make_phantom("abdomen", seed=8610, orientation="LPS").image, root / "other",
+                         study_instance_uid=OTHER_STUDY, series_description="T2 other study",
+                         study_description="MR abdomen other", patient_id=f"{PATIENT}2")
     server = orthanc_support.RestartableOrthanc(tmp_path_factory.mktemp("ohif_outage_orthanc"))
     orthanc_support.store_files(server, sorted(p for d in root.iterdir() for p in d.iterdir()))
     server.stop()
     server.series = uids
+    server.other_series = str(pydicom.dcmread(other[0]).SeriesInstanceUID)
     yield server
     server.stop()
 
@@ -277,6 +282,21 @@ def test_3_pacs_stopped_mid_session_each_action_answers_within_5_s_with_a_messag
     _connection_error_names_the_pacs(page, pacs)
     seen = _record(proxy, mark, "PACS down, study list")
     assert seen and all(s == 503 and d < ANSWER_WITHIN_S for m, p, s, d in seen), seen
+    # a link to another study (from a worklist or a colleague's message), opened while the PACS is down
+    mark = proxy.mark()
+    t0 = time.monotonic()
+    page.goto(f"{server.url}/viewer/segmentation?StudyInstanceUIDs={OTHER_STUDY}")  # returns once loaded
+    TIMES["study link: OHIF page load (test)"] = time.monotonic() - t0
+    TIMES["study link: loaded -> 'not available' (test)"] = _wait_shown(page, "not available at this time", 30)
+    assert TIMES["study link: loaded -> 'not available' (test)"] < ANSWER_WITHIN_S
+    _shot(page, "6c_pacs_down_study_link.png")
+    seen = _record(proxy, mark, "PACS down, study link")
+    assert seen and all(s == 503 and d < ANSWER_WITHIN_S for m, p, s, d in seen), seen
+    # the page's own "study list" link: the connection error again (the state test_3b starts from)
+    t0 = time.monotonic()
+    _click(page, page.get_by_role("link", name="study list"))
+    _wait_shown(page, "Data Source Connection Error", ANSWER_WITHIN_S)
+    TIMES["'study list' link -> connection error (test)"] = time.monotonic() - t0
     assert server.proc.poll() is None
 
 
