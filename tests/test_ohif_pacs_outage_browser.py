@@ -5,9 +5,10 @@ Real Orthanc (stopped and started on the same port and storage) and one real ser
 the study description) without a server restart, the annotator opens a series; (3) Orthanc stops mid-session:
 the annotator's next actions (export the segmentation as DICOM SEG to the PACS, open another series, back to
 the study list, a link to another study) are answered within 5 s with a message on screen, also when Orthanc
-hangs (SIGSTOP: accepts, never answers); (4) Orthanc back: the same actions and keyboard only. The answer times are measured twice: in the test (action -> message on screen) and by
-the browser (each /proxy/dicom request's own timing). Screenshots:
-build/test-artifacts/ohif-pacs-outage/ (or $MRANNOTATOR_TEST_ARTIFACTS/ohif-pacs-outage).
+hangs (SIGSTOP: accepts, never answers); (4) Orthanc back: the same actions work again. Mouse and keyboard
+only. The answer times are measured twice: in the test (action -> message on screen) and by the browser (each
+/proxy/dicom request's own timing). Screenshots: build/test-artifacts/ohif-pacs-outage/
+(or $MRANNOTATOR_TEST_ARTIFACTS/ohif-pacs-outage).
 """
 
 from __future__ import annotations
