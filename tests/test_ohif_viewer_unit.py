@@ -62,6 +62,18 @@ def test_viewer_config_points_at_the_proxy_and_files_stay_inside(tmp_path):
     assert ohif_viewer.viewer_file("segmentation", tmp_path) == tmp_path / "index.html"
 
 
+def test_the_data_source_name_names_the_pacs_without_its_credentials(monkeypatch):
+    from lib.monailabel_adapter import ohif_viewer
+    from monailabel.config import settings
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_STUDIES", "http://orthanc:secret@pacs.example:8042/dicom-web/")
+    name = ohif_viewer.pacs_name()
+    assert "http://pacs.example:8042/dicom-web " in name and "secret" not in name and "orthanc" not in name
+    assert f'"friendlyName": "{name}"' in ohif_viewer.app_config()
+    monkeypatch.setattr(settings, "MONAI_LABEL_STUDIES", "/data/studies")
+    assert ohif_viewer.pacs_name() == "MRAnnotator PACS (through the server)"
+
+
 def _source(uid: str, z: float) -> Dataset:
     ds = Dataset()
     ds.SOPInstanceUID, ds.ImagePositionPatient = uid, [0.0, 0.0, z]

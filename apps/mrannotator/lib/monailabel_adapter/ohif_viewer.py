@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import mimetypes
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import Request
 
@@ -28,13 +29,26 @@ TYPES = {".wasm": "application/wasm", ".js": "text/javascript", ".mjs": "text/ja
          ".html": "text/html", ".json": "application/json", ".svg": "image/svg+xml", ".woff2": "font/woff2"}
 
 
-def data_source(proxy: str) -> dict:
+def pacs_name() -> str:
+    """The data source's name in OHIF. OHIF's "Data Source Connection Error" dialog shows only this name (not
+    the server's 503 message), so it names the PACS the server uses, without any user:password in its URL."""
+    from monailabel.config import settings
+
+    studies = urlsplit(settings.MONAI_LABEL_STUDIES or "")
+    if studies.scheme not in ("http", "https"):
+        return "MRAnnotator PACS (through the server)"
+    where = urlunsplit((studies.scheme, studies.hostname + (f":{studies.port}" if studies.port else ""),
+                        studies.path.rstrip("/"), "", ""))
+    return f"the PACS at {where} (through the MRAnnotator server; its /info/ says why it is unavailable)"
+
+
+def data_source(proxy: str, name: str = "MRAnnotator PACS (through the server)") -> dict:
     """OHIF's DICOMweb data source for the server's proxy (``proxy``: its absolute URL, no trailing /)."""
     return {
         "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
         "sourceName": "mrannotator",
         "configuration": {
-            "friendlyName": "MRAnnotator PACS (through the server)",
+            "friendlyName": name,
             "name": "mrannotator",
             "qidoRoot": f"{proxy}/qido", "wadoRoot": f"{proxy}/wado", "wadoUriRoot": f"{proxy}/wado",
             "qidoSupportsIncludeField": True,  # the proxy splits includefield so that Orthanc honours it
@@ -65,7 +79,7 @@ def app_config() -> str:
         "investigationalUseDialog": {"option": "never"},
         "showErrorDetails": "always",
         "defaultDataSourceName": "mrannotator",
-        "dataSources": [data_source("__ORIGIN__/proxy/dicom")],
+        "dataSources": [data_source("__ORIGIN__/proxy/dicom", pacs_name())],
     }
     if (oidc := oidc_clients()) is not None:
         config["oidc"] = oidc
