@@ -70,6 +70,10 @@ def test_the_data_source_name_names_the_pacs_without_its_credentials(monkeypatch
     name = ohif_viewer.pacs_name()
     assert "http://pacs.example:8042/dicom-web " in name and "secret" not in name and "orthanc" not in name
     assert f'"friendlyName": "{name}"' in ohif_viewer.app_config()
+    monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_ENABLE", True)  # app-config.js is public: no address
+    name = ohif_viewer.pacs_name()
+    assert "pacs.example" not in name and "8042" not in name and "PACS" in name
+    monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_ENABLE", False)
     monkeypatch.setattr(settings, "MONAI_LABEL_STUDIES", "/data/studies")
     assert ohif_viewer.pacs_name() == "MRAnnotator PACS (through the server)"
 

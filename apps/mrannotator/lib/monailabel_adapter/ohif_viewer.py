@@ -31,12 +31,16 @@ TYPES = {".wasm": "application/wasm", ".js": "text/javascript", ".mjs": "text/ja
 
 def pacs_name() -> str:
     """The data source's name in OHIF. OHIF's "Data Source Connection Error" dialog shows only this name (not
-    the server's 503 message), so it names the PACS the server uses, without any user:password in its URL."""
+    the server's 503 message), so it names the PACS the server uses, without any user:password in its URL.
+    With auth on, app-config.js is public (a browser loads it before logging in): the PACS's address is then
+    left out, as it is no one's business before a login."""
     from monailabel.config import settings
 
     studies = urlsplit(settings.MONAI_LABEL_STUDIES or "")
     if studies.scheme not in ("http", "https"):
         return "MRAnnotator PACS (through the server)"
+    if settings.MONAI_LABEL_AUTH_ENABLE:
+        return "the PACS behind the MRAnnotator server (its /info/ says why it is unavailable)"
     where = urlunsplit((studies.scheme, studies.hostname + (f":{studies.port}" if studies.port else ""),
                         studies.path.rstrip("/"), "", ""))
     return f"the PACS at {where} (through the MRAnnotator server; its /info/ says why it is unavailable)"
