@@ -156,7 +156,7 @@ function createCommands({ servicesManager, extensionManager }) {
         const query = `StudyInstanceUIDs=${next.study}&SeriesInstanceUIDs=${next.series}`;
         window.location.assign(`${window.PUBLIC_URL || '/viewer/'}${MODE_ID}?${query}`);
       } catch (e) {
-        notify('error', 'Next study', e.message, 15000);
+        notify('error', 'Next study failed', e.message, 15000);
       }
     },
     async mraRunModel() {
@@ -168,7 +168,7 @@ function createCommands({ servicesManager, extensionManager }) {
         const names = answer.segments.map(s => s.name).join(', ') || 'no structure';
         notify('success', 'Model proposal', `${answer.model}: ${names}. Correct it, then Save label.`);
       } catch (e) {
-        notify('error', 'Run model', e.message, 15000);
+        notify('error', 'Run model failed', e.message, 15000);
       }
     },
     async mraSaveLabel() {
