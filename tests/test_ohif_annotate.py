@@ -178,7 +178,7 @@ def _shot(page, name: str, docs: bool) -> None:
     page.screenshot(path=str(ARTIFACTS / name))
     if docs:
         DOCS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(ARTIFACTS / name, DOCS / name.split("-", 1)[1])
+        shutil.copyfile(ARTIFACTS / name, DOCS / f"annotate_{name.split('-', 1)[1]}")
 
 
 def _wait_toast(page, ok: str, refused: str, timeout_ms: int) -> None:
