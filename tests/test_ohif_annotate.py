@@ -379,3 +379,35 @@ def test_geometry_matrix_painted_in_equals_final_out(setup, case):
         finally:
             browser.close()
     check_final(setup, entry, check_edits(entry, done))
+
+
+def test_annotate_routes_refuse_bad_input_and_a_mirrored_label(setup):
+    """4xx naming the problem; frames reversed along the slice normal (OHIF's export fault, positions right)
+    are refused by the mirror check with the reason, and the series' final label is left as it was."""
+    url, series = setup["server"]["url"], setup["series"]
+    entry = series["sagittal_inc_ffs"]  # instance numbers increase along the normal: where OHIF's export mirrors
+    assert requests.post(f"{url}/annotate/next/nope", timeout=60).status_code == 404
+    r = requests.post(f"{url}/annotate/infer?image=1.2.3", timeout=60)
+    assert r.status_code == 404 and "1.2.3" in r.json()["detail"]
+    r = requests.post(f"{url}/annotate/infer?image={entry['uid']}", timeout=600)
+    assert r.status_code == 200, r.text
+    proposal = r.json()
+    names = {str(s["value"]): s["name"] for s in proposal["segments"]}
+    label = f"{url}/annotate/label?image={entry['uid']}"
+    before = requests.get(f"{url}/datastore/label?label={entry['uid']}&tag=final", timeout=300)
+    for body, status, words in [
+        (b"not json", 400, "must be JSON"),
+        (b"[1]", 400, "JSON object"),
+        ({"segments": {"1": "Nope"}, "frames": {}}, 400, "not a structure of the label catalogue"),
+        ({"segments": names, "frames": {"9.9.9": ""}}, 400, "not in this series"),
+        ({"segments": dict(list(names.items())[:1]), "frames": proposal["frames"]}, 400, "does not name"),
+    ]:
+        r = requests.put(label, **({"json": body} if isinstance(body, dict) else {"data": body}), timeout=120)
+        assert r.status_code == status and words in r.json()["detail"], r.text
+    ordered = [str(ds.SOPInstanceUID) for ds in _slice_order(entry["datasets"])]
+    mirrored = {ordered[len(ordered) - 1 - ordered.index(uid)]: text for uid, text in proposal["frames"].items()}
+    r = requests.put(label, json={"segments": names, "frames": mirrored}, timeout=300)
+    print(f"mirrored frames: {r.status_code} {r.text[:300]}")
+    assert r.status_code == 409 and "mirrored" in r.json()["detail"]
+    after = requests.get(f"{url}/datastore/label?label={entry['uid']}&tag=final", timeout=300)
+    assert after.status_code == before.status_code and after.content == before.content

@@ -36,7 +36,7 @@ from .internals import app_datastore, tasks
 logger = logging.getLogger(__name__)
 
 PREFIX = "/annotate"
-MAX_BODY = 512 * 1024 * 1024
+MAX_BODY = 128 * 1024 * 1024  # a label's frames, zlib-compressed and base64: a few MB for a 512 x 512 x 300 series
 
 
 def _app():
@@ -123,9 +123,16 @@ def _segment_ids(segments) -> dict[str, int]:
 async def save_label(request: Request, image: str = ""):
     from starlette.concurrency import run_in_threadpool
 
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise HTTPException(status_code=413, detail=f"label body over {MAX_BODY} bytes")
+    too_large = HTTPException(status_code=413, detail=f"the label body is over {MAX_BODY} bytes")
+    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it arrives: never more than the cap in memory
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise too_large
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         payload = json.loads(body or b"null")
     except ValueError as e:
