@@ -51,6 +51,8 @@ BRUSH_MM = 25.0  # OHIF's default brush / eraser radius
 MARGIN_VOXELS = 1.5  # the canvas-to-slice map is good to about a voxel
 LISTING_WAIT_S = 3.5  # the server re-reads the PACS listing after 3 s
 MAIN = "axial_lps"
+REAL = "siemens"  # the bundled real Siemens sagittal T1 (a head: the demo model's proposal is whatever it finds)
+REAL_SERIES = ROOT.parent / "shared" / "data" / "real_dicom" / "siemens_t1_sag_hfs"
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(900),
               pytest.mark.skipif(_why_skip() is not None, reason=str(_why_skip()))]
@@ -67,6 +69,7 @@ def setup(tmp_path_factory, demo_weights):
     for n, case in enumerate(ms.MATRIX):
         series[ms.case_name(*case)] = ms.write_matrix_series(root, *case, seed=9300 + n, series_number=n + 1,
                                                              study_uid=study)
+    series[REAL] = ms.real_series(REAL_SERIES)
     for entry in series.values():
         entry["datasets"] = [pydicom.dcmread(f) for f in sorted(entry["dir"].iterdir())]  # with pixels
         entry["uid"] = str(entry["datasets"][0].SeriesInstanceUID)
@@ -361,7 +364,7 @@ def test_next_study_run_model_correct_and_save(setup):
     check_final(setup, series[name], check_edits(series[name], done))
 
 
-@pytest.mark.parametrize("case", [MAIN] + [ms.case_name(*c) for c in ms.MATRIX])
+@pytest.mark.parametrize("case", [MAIN] + [ms.case_name(*c) for c in ms.MATRIX] + [REAL])
 def test_geometry_matrix_painted_in_equals_final_out(setup, case):
     """Each series of the matrix, opened in the MRAnnotator mode: the same correction, voxel-exact."""
     from playwright.sync_api import sync_playwright
