@@ -138,9 +138,18 @@ function createCommands({ servicesManager, extensionManager }) {
   }
 
   async function labelOf(segmentation) {
+    // cornerstone may keep a segment in another labelmap layer (overlapping segments) or under another pixel
+    // value: the frames read below are the primary layer's, so say so rather than drop a segment silently
+    const labelmap = segmentation.representationData.Labelmap;
     const segments = {};
     for (const [index, segment] of Object.entries(segmentation.segments || {})) {
-      if (segment) segments[index] = segment.label;
+      if (!segment) continue;
+      const binding = labelmap.segmentBindings?.[index];
+      if (binding && labelmap.primaryLabelmapId && binding.labelmapId !== labelmap.primaryLabelmapId) {
+        throw new Error(`segment "${segment.label}" is kept in a separate labelmap layer (overlapping segments); ` +
+                        'this save sends one label map: remove the overlap or the segment, then save again');
+      }
+      segments[binding?.labelValue ?? index] = segment.label;
     }
     const frames = {};
     for (const { pixels, referencedImageId } of labelmapImages(segmentation.segmentationId)) {
