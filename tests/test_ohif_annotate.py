@@ -16,8 +16,9 @@ the brush, picks another and erases part of it, and clicks Save label. Then, wit
 
 Series: an axial phantom of its own study (opened from the study list) plus the geometry matrix of
 tests/test_mirror_geometry.py (axial, sagittal, coronal, oblique; instance numbers up and down the normal;
-head and feet first) and the bundled real Siemens sagittal T1, each annotated the same way. Screenshots: build/test-artifacts/ohif-annotate/
-(or $MRANNOTATOR_TEST_ARTIFACTS/ohif-annotate); the first series' also go to docs/ohif/.
+head and feet first) and the bundled real Siemens sagittal T1, each annotated the same way. Screenshots:
+build/test-artifacts/ohif-annotate/ (or $MRANNOTATOR_TEST_ARTIFACTS/ohif-annotate); the first series' also go
+to docs/ohif/annotate_*.png.
 """
 
 from __future__ import annotations
