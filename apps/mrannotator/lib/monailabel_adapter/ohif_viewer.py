@@ -25,6 +25,10 @@ from .ohif_oidc import oidc_clients
 
 MOUNT = "/viewer"
 VIEWER_DIR = Path(__file__).resolve().parents[2] / "ohif_viewer"
+EXTENSION_DIR = Path(__file__).resolve().parents[2] / "ohif_extension"  # the MONAI Label workflow (annotate.py)
+# app-config.js hands its config to the extension, which adds its extension and mode (no OHIF rebuild)
+WITH_EXTENSION = ("window.config = ((config) => async (context) => (await import(window.PUBLIC_URL + "
+                  "'mrannotator/mrannotator.js')).configure(config, context))(window.config);\n")
 TYPES = {".wasm": "application/wasm", ".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css",
          ".html": "text/html", ".json": "application/json", ".svg": "image/svg+xml", ".woff2": "font/woff2"}
 
@@ -89,7 +93,7 @@ def app_config() -> str:
         config["oidc"] = oidc
     text = json.dumps(config, indent=2).replace('"__ORIGIN__', 'window.location.origin + "')
     header = "/** MRAnnotator: written by the server (lib/monailabel_adapter/ohif_viewer.py). */"
-    return f"{header}\nwindow.config = {text};\n"
+    return f"{header}\nwindow.config = {text};\n" + WITH_EXTENSION
 
 
 def viewer_file(path: str, root: Path = VIEWER_DIR) -> Path:
@@ -107,7 +111,8 @@ async def viewer_page(request: Request, path: str = ""):
 
     if path == "app-config.js":
         return Response(app_config(), media_type="text/javascript", headers={"Cache-Control": "no-store"})
-    file = viewer_file(path)
+    extension = path.startswith("mrannotator/")
+    file = viewer_file(path[len("mrannotator/"):], EXTENSION_DIR) if extension else viewer_file(path)
     if not file.is_file():
         return JSONResponse({"detail": f"the OHIF viewer is not installed in {VIEWER_DIR}: run "
                                        "scripts/install.sh (or python scripts/install_ohif.py)"}, status_code=404)
@@ -131,3 +136,6 @@ def install(app) -> None:
         APIRoute(prefix, to_viewer, methods=["GET"], include_in_schema=False),
     ]
     mimetypes.add_type("application/wasm", ".wasm")
+    from . import annotate
+
+    annotate.install(app)  # the routes of the viewer's MONAI Label workflow (ohif_extension/)

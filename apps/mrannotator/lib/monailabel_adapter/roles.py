@@ -64,6 +64,10 @@ ROUTE_ROLES: dict[tuple[str, str], str] = {
     ("PUT", "/datastore/updatelabelinfo"): "annotator",
     ("PUT", "/session/"): "annotator",
     ("DELETE", "/session/{session_id}"): "annotator",
+    # the OHIF viewer's MONAI Label workflow (annotate.py): next series, proposal as frames, save the label
+    ("POST", "/annotate/next/{strategy}"): "annotator",
+    ("POST", "/annotate/infer"): "annotator",
+    ("PUT", "/annotate/label"): "annotator",
     # POST to the proxy is a STOW-RS (OHIF sends it to its WADO root); nothing else is forwarded on POST
     ("GET", "/proxy/dicom/stow/{path:path}"): "annotator",
     ("POST", "/proxy/dicom/stow/{path:path}"): "annotator",
