@@ -22,7 +22,10 @@ trap 'rm -rf "$reports"' EXIT
 base=()
 phase() {  # phase NAME: the basetemp option for it, when MRANNOTATOR_TEST_BASETEMP is set
     base=()
-    if [ -n "${MRANNOTATOR_TEST_BASETEMP:-}" ]; then base=("--basetemp=$MRANNOTATOR_TEST_BASETEMP/$1"); fi
+    if [ -n "${MRANNOTATOR_TEST_BASETEMP:-}" ]; then
+        mkdir -p "$MRANNOTATOR_TEST_BASETEMP"
+        base=("--basetemp=$MRANNOTATOR_TEST_BASETEMP/$1")
+    fi
 }
 start=$(date +%s)
 rc=0
