@@ -298,11 +298,12 @@ def check_edits(entry: dict, done: dict) -> np.ndarray:
     return out
 
 
-def check_final(setup, entry: dict, expected: np.ndarray) -> None:
-    """The server's final label equals ``expected`` voxel for voxel; the SEG has the catalogue's codes."""
+def check_final(setup, entry: dict, expected: np.ndarray, headers: dict | None = None) -> None:
+    """The server's final label equals ``expected`` voxel for voxel; the SEG has the catalogue's codes.
+    ``headers``: for a server with auth on (a bearer token)."""
     url = setup["server"]["url"]
     time.sleep(LISTING_WAIT_S)
-    r = requests.get(f"{url}/datastore/label?label={entry['uid']}&tag=final", timeout=300)
+    r = requests.get(f"{url}/datastore/label?label={entry['uid']}&tag=final", headers=headers, timeout=300)
     assert r.status_code == 200, r.text
     final = np.asanyarray(nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).dataobj)
     differ = int((final != expected).sum())

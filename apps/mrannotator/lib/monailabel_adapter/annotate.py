@@ -169,12 +169,18 @@ def _save(image: str, payload: dict) -> dict:
 
 def install(app) -> None:
     """Add the routes to the FastAPI ``app`` (ahead of MONAI Label's own)."""
+    from fastapi import Security
     from fastapi.routing import APIRoute
     from monailabel.config import settings
+    from monailabel.endpoints.user.auth import get_current_user
 
     base = f"{settings.MONAI_LABEL_API_STR}{PREFIX}"
+    token = [Security(get_current_user)]  # as MONAI Label's routes: the bearer token, declared in openapi.json
     app.router.routes[0:0] = [
-        APIRoute(f"{base}/next/{{strategy}}", next_study, methods=["POST"], summary="OHIF: open the next series"),
-        APIRoute(f"{base}/infer", run_model, methods=["POST"], summary="OHIF: the model's proposal as frames"),
-        APIRoute(f"{base}/label", save_label, methods=["PUT"], summary="OHIF: save the corrected label as final"),
+        APIRoute(f"{base}/next/{{strategy}}", next_study, methods=["POST"], summary="OHIF: open the next series",
+                 dependencies=token),
+        APIRoute(f"{base}/infer", run_model, methods=["POST"], summary="OHIF: the model's proposal as frames",
+                 dependencies=token),
+        APIRoute(f"{base}/label", save_label, methods=["PUT"], summary="OHIF: save the corrected label as final",
+                 dependencies=token),
     ]
