@@ -37,10 +37,11 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-from test_ohif_viewer import CHROMIUM, _drag, _shown_instance, _why_skip
+from test_ohif_viewer import _drag, _shown_instance, _why_skip
 
 from mrannotator.catalogue import load_catalogue
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing import browser as browser_support
 from mrannotator.testing import mirror_support as ms
 from mrannotator.testing import orthanc_support
 from mrannotator.testing.dicom_fixtures import write_series
@@ -327,8 +328,7 @@ def check_final(setup, entry: dict, expected: np.ndarray, headers: dict | None =
 
 
 def _browser(p):
-    return p.chromium.launch(executable_path=str(CHROMIUM),
-                             args=["--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader"])
+    return browser_support.launch(p)
 
 
 def test_next_study_run_model_correct_and_save(setup):

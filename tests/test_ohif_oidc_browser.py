@@ -25,13 +25,12 @@ import pytest
 import requests
 
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing import browser as browser_support
 from mrannotator.testing import orthanc_support
 from mrannotator.testing.dicom_fixtures import read_series, write_series
 from mrannotator.testing.server_support import free_port
 
-CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
-VIEWER = ROOT / "apps" / "mrannotator" / "ohif_viewer" / "index.html"
 ARTIFACTS = Path(os.environ.get("MRANNOTATOR_TEST_ARTIFACTS", ROOT / "build" / "test-artifacts")) / "ohif-oidc"
 CLIENT_ID = "mrannotator-ohif"
 ANNOTATOR = {"sub": "anna", "preferred_username": "anna", "name": "Anna Annotator",
@@ -40,16 +39,7 @@ PATIENT = "MRAOIDC"
 
 
 def _why_skip() -> str | None:
-    if not CHROMIUM.is_file():
-        return f"Debian's chromium is not installed ({CHROMIUM}; apt-get install -y chromium)"
-    if not VIEWER.is_file():
-        return f"the OHIF viewer is not installed ({VIEWER}): scripts/install.sh or python scripts/install_ohif.py"
-    try:
-        import oidc_provider_mock  # noqa: F401
-        import playwright.sync_api  # noqa: F401
-    except ImportError as e:
-        return f"{e.name} is not installed (pip install -e '.[test]')"
-    return orthanc_support.missing()
+    return browser_support.why_skip("oidc_provider_mock")
 
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(600),
@@ -134,8 +124,7 @@ def test_annotator_logs_in_to_ohif_through_the_oidc_provider_and_her_token_carri
     url = setup["server"]["url"]
     started = time.monotonic()
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM),
-                                    args=["--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader"])
+        browser = browser_support.launch(p)
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             seen = _log_in_through_the_provider(page, setup)

@@ -25,13 +25,12 @@ import pytest
 import requests
 
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing import browser as browser_support
 from mrannotator.testing import orthanc_support
 from mrannotator.testing.dicom_fixtures import write_series
 from mrannotator.testing.server_support import start_server, stop_server
 
-CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
-VIEWER = ROOT / "apps" / "mrannotator" / "ohif_viewer" / "index.html"
 ARTIFACTS = Path(os.environ.get("MRANNOTATOR_TEST_ARTIFACTS", ROOT / "build" / "test-artifacts")) / "ohif-pacs-outage"
 STUDY = "1.2.826.0.1.3680043.8.498.19"
 OTHER_STUDY = "1.2.826.0.1.3680043.8.498.20"
@@ -42,15 +41,7 @@ TIMES: dict[str, float] = {}
 
 
 def _why_skip() -> str | None:
-    if not CHROMIUM.is_file():
-        return f"Debian's chromium is not installed ({CHROMIUM}; apt-get install -y chromium)"
-    if not VIEWER.is_file():
-        return f"the OHIF viewer is not installed ({VIEWER}): scripts/install.sh or python scripts/install_ohif.py"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "playwright is not installed (pip install playwright; its own browser download is not needed)"
-    return orthanc_support.missing()
+    return browser_support.why_skip()
 
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(900),
@@ -124,8 +115,7 @@ def browser_page(server):
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM),
-                                    args=["--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader"])
+        browser = browser_support.launch(p)
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             yield page, Proxy(page)

@@ -26,27 +26,18 @@ import pydicom
 import pytest
 
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing import browser as browser_support
 from mrannotator.testing import orthanc_support
 from mrannotator.testing.dicom_fixtures import write_series
 
-CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
-VIEWER = ROOT / "apps" / "mrannotator" / "ohif_viewer" / "index.html"
 ARTIFACTS = Path(os.environ.get("MRANNOTATOR_TEST_ARTIFACTS", ROOT / "build" / "test-artifacts")) / "ohif-viewer"
 BRUSH_MM = 25.0  # OHIF's default brush / eraser radius
 STRUCTURE = "Liver"  # a catalogue name: the project's reader maps the segment by it
 
 
 def _why_skip() -> str | None:
-    if not CHROMIUM.is_file():
-        return f"Debian's chromium is not installed ({CHROMIUM}; apt-get install -y chromium)"
-    if not VIEWER.is_file():
-        return f"the OHIF viewer is not installed ({VIEWER}): scripts/install.sh or python scripts/install_ohif.py"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "playwright is not installed (pip install playwright; its own browser download is not needed)"
-    return orthanc_support.missing()
+    return browser_support.why_skip()
 
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(600),
@@ -225,8 +216,7 @@ def test_annotator_paints_erases_and_stores_a_seg_in_the_current_ohif(setup):
     ARTIFACTS.mkdir(parents=True)
     started = time.monotonic()
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM),
-                                    args=["--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader"])
+        browser = browser_support.launch(p)
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             _open_segmentation_mode(page, setup["server"]["url"])

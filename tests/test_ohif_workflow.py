@@ -27,9 +27,10 @@ import pydicom
 import pytest
 import requests
 from test_ohif_annotate import ARTIFACTS, annotate, check_edits, check_final
-from test_ohif_oidc_browser import CHROMIUM, CLIENT_ID, _click, _why_skip
+from test_ohif_oidc_browser import CLIENT_ID, _click, _why_skip
 
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing import browser as browser_support
 from mrannotator.testing import orthanc_support
 from mrannotator.testing.dicom_fixtures import write_series
 from mrannotator.testing.server_support import free_port
@@ -160,8 +161,7 @@ def test_log_in_next_study_correct_save_and_the_correction_trains_the_next_model
     url = setup["server"]["url"]
     started = time.monotonic()
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM),
-                                    args=["--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader"])
+        browser = browser_support.launch(p)
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             entry, done, seen = _log_in_and_annotate(page, setup)
