@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import gzip
 import os
+import re
 import shutil
 import time
 import zlib
@@ -198,9 +199,28 @@ def _wait_viewport(page) -> None:
     time.sleep(3)  # the series finishes loading
 
 
-def _pick_segment(page, name: str) -> None:
-    page.get_by_text(name, exact=True).first.click()
-    time.sleep(0.5)
+def _pick_segment(page, name: str) -> int:
+    """Click the segment's row in the panel until OHIF shows it selected (its row turns ``bg-popover``; a click
+    that lands while the panel re-renders after a stroke is lost), then wait until the viewport's instance
+    number stops changing (OHIF jumps to the segment's slice). Returns that instance number."""
+    from playwright.sync_api import expect
+
+    row = page.locator("[data-cy=data-row]").filter(has=page.get_by_text(name, exact=True)).first
+    for _ in range(5):
+        row.get_by_text(name, exact=True).click()
+        try:
+            expect(row).to_have_class(re.compile(r"\bbg-popover\b"), timeout=5_000)
+            break
+        except Exception:
+            continue
+    else:
+        raise AssertionError(f"segment {name!r} never showed as selected in the panel")
+    shown, still = _shown_instance(page), 0
+    while still < 3:  # the same instance number for 1.5 s
+        time.sleep(0.5)
+        now = _shown_instance(page)
+        still, shown = (still + 1, shown) if now == shown else (0, now)
+    return shown
 
 
 def _stroke(page, entry: dict, frames: dict, name: str, tool: str, tag: str, choose) -> dict:
@@ -208,9 +228,8 @@ def _stroke(page, entry: dict, frames: dict, name: str, tool: str, tag: str, cho
     ``choose(frame, pixels, spacing, uid)`` says (row, col on the slice shown)."""
     from PIL import Image
 
-    page.get_by_text(name, exact=True).first.click()
-    time.sleep(1.5)  # the viewport jumps to the segment's slice
-    shown = next(ds for ds in entry["datasets"] if int(ds.InstanceNumber) == _shown_instance(page))
+    instance = _pick_segment(page, name)
+    shown = next(ds for ds in entry["datasets"] if int(ds.InstanceNumber) == instance)
     uid, pixels = str(shown.SOPInstanceUID), shown.pixel_array.astype(float)
     spacing = [float(v) for v in shown.PixelSpacing]
     centre = choose(frames[uid], pixels, spacing, uid)
