@@ -223,12 +223,14 @@ def _pick_segment(page, name: str) -> int:
     return shown
 
 
-def _stroke(page, entry: dict, frames: dict, name: str, tool: str, tag: str, choose) -> dict:
-    """Pick segment ``name`` in the panel (OHIF jumps to its slice), then one stroke of ``tool`` where
-    ``choose(frame, pixels, spacing, uid)`` says (row, col on the slice shown)."""
+def _stroke(page, entry: dict, frames: dict, name: str, tool: str, tag: str, choose, click: bool = False,
+            pick: bool = True) -> dict:
+    """Pick segment ``name`` in the panel (OHIF jumps to its slice; ``pick=False``: it is picked, stay on the
+    slice shown), then one stroke of ``tool`` (or, with ``click``, one click) where ``choose(frame, pixels,
+    spacing, uid)`` says (row, col on the slice shown)."""
     from PIL import Image
 
-    instance = _pick_segment(page, name)
+    instance = _pick_segment(page, name) if pick else _shown_instance(page)
     shown = next(ds for ds in entry["datasets"] if int(ds.InstanceNumber) == instance)
     uid, pixels = str(shown.SOPInstanceUID), shown.pixel_array.astype(float)
     spacing = [float(v) for v in shown.PixelSpacing]
@@ -239,7 +241,10 @@ def _stroke(page, entry: dict, frames: dict, name: str, tool: str, tag: str, cho
     rgb = np.asarray(Image.open(ARTIFACTS / f"{tag}-canvas-{tool}.png").convert("RGB")).astype(float)
     x, y = canvas_map(rgb, pixels, frames[uid], spacing)(*centre)
     page.locator(f"[data-cy={tool}-btn]").click()
-    _drag(page, [(box["x"] + x, box["y"] + y), (box["x"] + x + 1, box["y"] + y + 1)])
+    if click:
+        page.mouse.click(box["x"] + x, box["y"] + y)
+    else:
+        _drag(page, [(box["x"] + x, box["y"] + y), (box["x"] + x + 1, box["y"] + y + 1)])
     time.sleep(1)
     return {"uid": uid, "centre": centre, "spacing": spacing}
 
@@ -311,7 +316,13 @@ def check_edits(entry: dict, done: dict) -> np.ndarray:
     assert erased_total >= 5, "the eraser took nothing of the structure picked"
     print(f"{entry['uid'][-12:]}: painted {painted_total} voxels of {done['paint']} (disc {brush_disc}), erased "
           f"{erased_total} of {done['erase']}; slices changed {len(changed)}")
-    volume = np.stack([after[str(ds.SOPInstanceUID)].T for ds in _slice_order(datasets)], axis=2)
+    return _as_volume(after, datasets, ids)
+
+
+def _as_volume(frames: dict, datasets, ids: dict) -> np.ndarray:
+    """Frames by instance UID (viewer segment indices) -> a volume (column, row, slice along the normal) of
+    catalogue ids (``ids``: segment index -> id)."""
+    volume = np.stack([frames[str(ds.SOPInstanceUID)].T for ds in _slice_order(datasets)], axis=2)
     out = np.zeros(volume.shape, np.uint16)
     for index, sid in ids.items():
         out[volume == index] = sid
@@ -443,3 +454,118 @@ def test_annotate_routes_refuse_bad_input_and_a_mirrored_label(setup):
     assert r.status_code == 409 and "mirrored" in r.json()["detail"]
     after = requests.get(f"{url}/datastore/label?label={entry['uid']}&tag=final", timeout=300)
     assert after.status_code == before.status_code and after.content == before.content
+    # click correction: bad points and labels are refused with the reason, nothing is corrected
+    first, other = entry["datasets"][0], series[MAIN]["datasets"][0]
+    uid, rows, cols = str(first.SOPInstanceUID), int(first.Rows), int(first.Columns)
+    held = {"segments": names, "frames": proposal["frames"]}
+    some = next(iter(names.values()))
+    for body, words in [
+        ({**held, "label": some, "foreground": [], "background": []}, "no points"),
+        ({**held, "label": some, "foreground": [{"instance": uid, "row": rows, "column": 0}]}, "off the image"),
+        ({**held, "label": some, "foreground": [{"instance": uid, "row": -1, "column": 0}]}, "off the image"),
+        ({**held, "label": some, "foreground": [{"instance": str(other.SOPInstanceUID), "row": 1, "column": 1}]},
+         "not in this series"),
+        ({**held, "label": some, "foreground": [[1, 2, 3]]}, "{instance, row, column}"),
+        ({**held, "label": "Nope", "foreground": [{"instance": uid, "row": rows // 2, "column": cols // 2}]},
+         "unknown label"),
+    ]:
+        r = requests.post(f"{url}/annotate/refine?image={entry['uid']}", json=body, timeout=300)
+        assert r.status_code == 400 and words in r.json()["detail"], r.text
+
+
+# ------------------------------------------------------------------ click correction (issue 21)
+def _restore(proposal: dict, value: int, away: tuple):
+    """A pixel the model proposed as structure ``value`` that is background now (a Remove point took it),
+    at least 2 mm inside that area and as far as possible from ``away`` (the Remove point): (row, col)."""
+    from scipy import ndimage
+
+    def choose(frame, pixels, spacing, uid):
+        removed = (proposal[uid] == value) & (frame == 0)
+        inside = ndimage.distance_transform_edt(removed, sampling=spacing) >= 2
+        assert inside.any(), f"no area of structure {value} removed on this slice"
+        rows, cols = np.nonzero(inside)
+        k = np.argmax(np.hypot((rows - away[0]) * spacing[0], (cols - away[1]) * spacing[1]))
+        return int(rows[k]), int(cols[k])
+
+    return choose
+
+
+def _click(page, entry, frames, name, tool, tag, choose, pick: bool = True) -> tuple[dict, dict, dict]:
+    """One click of the point tool ``tool`` for segment ``name``: (where it aimed, the request, the answer)."""
+    with page.expect_response(lambda r: "/annotate/refine" in r.url, timeout=120_000) as answered:
+        aimed = _stroke(page, entry, frames, name, tool, tag, choose, click=True, pick=pick)
+    assert answered.value.status == 200, answered.value.text()
+    _wait_toast(page, "Click correction", "Click correction failed", 30_000)
+    return aimed, answered.value.request.post_data_json, answered.value.json()
+
+
+def _check_click(before: dict, after: dict, sent: dict, aimed: dict, value: int, kind: str) -> None:
+    """The point sent is the instance shown and the pixel aimed at (within the canvas map's voxel); only
+    structure ``value`` changed, and at that pixel it is now present (foreground) or absent (background)."""
+    point = sent[kind][-1]
+    assert point["instance"] == aimed["uid"], "the click was sent for another instance than the one shown"
+    off = np.hypot(point["row"] - aimed["centre"][0], point["column"] - aimed["centre"][1])
+    assert off <= MARGIN_VOXELS, f"the click was sent {off:.1f} voxels from where the mouse went"
+    changed = 0
+    for uid, b in before.items():
+        a = after[uid]
+        moved = a != b
+        assert not (moved & (a != value) & (b != value)).any(), f"a {kind} click moved another structure"
+        changed += int(moved.sum())
+    here = after[aimed["uid"]][point["row"], point["column"]]
+    assert (here == value) == (kind == "foreground"), f"{kind} click: the pixel clicked holds {here}"
+    assert changed > 0, f"the {kind} click changed nothing"
+    print(f"{kind} click {off:.1f} voxels from the aim: {changed} voxels changed")
+
+
+REFINE_CASES = [MAIN, "sagittal_dec_hfs"]  # axial; sagittal with instance numbers decreasing along the normal
+
+
+@pytest.mark.parametrize("case", REFINE_CASES)
+def test_click_correction_in_the_viewer(setup, case):
+    """Run model; Remove point inside the largest structure (it leaves that pixel), then, on the same slice,
+    Add point where the removal took too much (it takes that pixel back); nothing else moves; Save label
+    stores what the clicks gave, voxel for voxel."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    entry, tag = setup["series"][case], f"click-{case}"
+    datasets = entry["datasets"]
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(f"{setup['server']['url']}/viewer/mrannotator?StudyInstanceUIDs={entry['study']}"
+                      f"&SeriesInstanceUIDs={entry['uid']}")
+            _wait_viewport(page)
+            with page.expect_response(lambda r: "/annotate/infer" in r.url, timeout=300_000) as infer:
+                page.locator("[data-cy=MRARunModel-btn]").click()
+            _wait_toast(page, "Model proposal", "Run model failed", 60_000)
+            proposal = infer.value.json()
+            time.sleep(2)
+            frames = _frames_by_uid(proposal["frames"], datasets)
+            names = {s["value"]: s["name"] for s in proposal["segments"]}
+            values, counts = np.unique(np.stack(list(frames.values())), return_counts=True)
+            value = int(values[1:][np.argmax(counts[1:])])  # the largest structure
+            aimed, sent, answer = _click(page, entry, frames, names[value], "MRARemovePoint", tag,
+                                         lambda f, px, sp, u: eraser_target(f, value))
+            after = _frames_by_uid(answer["frames"], datasets)
+            _check_click(frames, after, sent, aimed, value, "background")
+            _shot(page, f"{tag}-1_removed.png", False)
+            aimed2, sent2, answer2 = _click(page, entry, after, names[value], "MRAAddPoint", tag,
+                                            _restore(frames, value, aimed["centre"]), pick=False)
+            final = _frames_by_uid(answer2["frames"], datasets)
+            _check_click(after, final, sent2, aimed2, value, "foreground")
+            assert sent2["background"] == sent["background"], "the clicks so far are not all sent"
+            _shot(page, f"{tag}-2_added.png", False)
+            with page.expect_request(lambda r: "/annotate/label" in r.url and r.method == "PUT",
+                                     timeout=120_000) as saved:
+                page.locator("[data-cy=MRASaveLabel-btn]").click()
+            _wait_toast(page, "Label saved", "Save label refused", 300_000)
+            body = saved.value.post_data_json
+        finally:
+            browser.close()
+    stored = _frames_by_uid(body["frames"], datasets)
+    assert all(np.array_equal(stored[u], final[u]) for u in final), "the viewer saved other than the clicks gave"
+    ids = {int(k): load_catalogue().get(v).id for k, v in body["segments"].items()}
+    check_final(setup, entry, _as_volume(final, datasets, ids))

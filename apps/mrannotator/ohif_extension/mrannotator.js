@@ -10,6 +10,12 @@
  * in the instance's own pixel order (what cornerstone's labelmap images hold); the server maps instance
  * UIDs to its image grid with the project's DICOM reader, so nothing here knows slice order or orientation.
  * Every request carries the viewer's Authorization header when it has one (OIDC login).
+ *
+ * Click correction: "Add point" / "Remove point" arm the viewport (until pressed again or Esc); each click on
+ * the image, for the segment active in the panel, sends all clicks so far for that segment plus the label as
+ * the viewer holds it to POST /annotate/refine (lib/monailabel_adapter/annotate_refine.py), and the corrected
+ * label replaces the labelmap. A click is sent as the instance shown and its row and column (from the
+ * instance's own ImagePositionPatient / ImageOrientationPatient / PixelSpacing), never as a position.
  */
 
 const MODE_ID = 'mrannotator';
@@ -17,8 +23,11 @@ const STRATEGY = 'random';
 const BUTTONS = [
   { id: 'MRANextStudy', label: 'Next study', icon: 'next-arrow', command: 'mraNextStudy' },
   { id: 'MRARunModel', label: 'Run model', icon: 'icon-play', command: 'mraRunModel' },
+  { id: 'MRAAddPoint', label: 'Add point', icon: 'Plus', command: 'mraAddPoint' },
+  { id: 'MRARemovePoint', label: 'Remove point', icon: 'Minus', command: 'mraRemovePoint' },
   { id: 'MRASaveLabel', label: 'Save label', icon: 'checkbox-checked', command: 'mraSaveLabel' },
 ];
+const pointMode = { kind: null, clicks: new Map(), busy: false }; // kind: 'foreground' | 'background' | null
 
 function serverUrl(path) {
   const base = (window.PUBLIC_URL || '/viewer/').replace(/viewer\/?$/, '');
@@ -158,7 +167,108 @@ function createCommands({ servicesManager, extensionManager }) {
     return { segments, frames };
   }
 
+  function pointOnInstance(event) {
+    // the instance shown under the mouse and the pixel clicked (row, column), from the instance's own geometry
+    const { cornerstone } = libraries();
+    const element = event.target.closest?.('[data-viewport-uid]');
+    if (!element) return null;
+    const viewport = cornerstone.getEnabledElement(element)?.viewport;
+    const canvas = element.querySelector('canvas');
+    if (!viewport || !canvas) return null;
+    const rect = canvas.getBoundingClientRect();
+    const world = viewport.canvasToWorld([event.clientX - rect.left, event.clientY - rect.top]);
+    const imageId = viewport.getCurrentImageId?.();
+    const meta = imageId && cornerstone.metaData.get('instance', imageId);
+    if (!meta?.ImagePositionPatient || !meta.ImageOrientationPatient || !meta.PixelSpacing) {
+      throw new Error('click correction needs a slice of the acquisition plane: reset the viewport orientation');
+    }
+    const [x, y, z] = meta.ImagePositionPatient.map(Number);
+    const d = [world[0] - x, world[1] - y, world[2] - z];
+    const o = meta.ImageOrientationPatient.map(Number);
+    const along = (u, v) => u[0] * v[0] + u[1] * v[1] + u[2] * v[2];
+    const rowDir = o.slice(0, 3), colDir = o.slice(3, 6);
+    const normal = [rowDir[1] * colDir[2] - rowDir[2] * colDir[1], rowDir[2] * colDir[0] - rowDir[0] * colDir[2],
+                    rowDir[0] * colDir[1] - rowDir[1] * colDir[0]];
+    const thickness = Number(meta.SliceThickness || meta.SpacingBetweenSlices || 1);
+    if (Math.abs(along(d, normal)) > Math.max(thickness, 1)) {
+      throw new Error('the click is not on an acquired slice: reset the viewport to the acquisition plane');
+    }
+    const column = Math.round(along(d, rowDir) / Number(meta.PixelSpacing[1]));
+    const row = Math.round(along(d, colDir) / Number(meta.PixelSpacing[0]));
+    if (row < 0 || column < 0 || row >= meta.Rows || column >= meta.Columns) return null; // off the image
+    return { instance: instanceUid(imageId), row, column };
+  }
+
+  async function refineAt(point) {
+    const { cornerstoneTools } = libraries();
+    const { viewportId, displaySet } = current();
+    const segmentation = segmentationOf(viewportId, displaySet);
+    const active = services.segmentationService.getActiveSegment?.(viewportId);
+    if (!active) throw new Error('pick the structure to correct in the segmentation panel first');
+    const key = `${segmentation.segmentationId}/${active.segmentIndex}`;
+    const clicks = pointMode.clicks.get(key) || { foreground: [], background: [] };
+    clicks[pointMode.kind].push(point);
+    const body = { label: active.label, foreground: clicks.foreground, background: clicks.background,
+                   ...(await labelOf(segmentation)) };
+    const series = encodeURIComponent(displaySet.SeriesInstanceUID);
+    const answer = await call('POST', `annotate/refine?image=${series}`, JSON.stringify(body));
+    pointMode.clicks.set(key, clicks);
+    for (const { pixels, referencedImageId } of labelmapImages(segmentation.segmentationId)) {
+      const frame = answer.frames[instanceUid(referencedImageId)];
+      if (frame) pixels.set(await decodeFrame(frame));
+      else pixels.fill(0);
+    }
+    cornerstoneTools.segmentation.triggerSegmentationEvents.triggerSegmentationDataModified(
+      segmentation.segmentationId);
+    const n = clicks.foreground.length + clicks.background.length;
+    notify('success', 'Click correction', `${active.label}: ${answer.changed} voxels changed (click ${n})`, 3000);
+  }
+
+  async function onPointerDown(event) {
+    if (!pointMode.kind || event.button !== 0) return;
+    let point;
+    try {
+      point = pointOnInstance(event);
+    } catch (e) {
+      event.stopPropagation();
+      notify('error', 'Click correction failed', e.message, 15000);
+      return;
+    }
+    if (!point) return; // not on an image: let OHIF have it
+    event.stopPropagation(); // the click is a prompt, not a brush stroke or a window/level drag
+    event.preventDefault();
+    if (pointMode.busy) return;
+    pointMode.busy = true;
+    try {
+      await refineAt(point);
+    } catch (e) {
+      notify('error', 'Click correction failed', e.message, 15000);
+    } finally {
+      pointMode.busy = false;
+    }
+  }
+
+  function arm(kind) {
+    if (!pointMode.listening) {
+      window.addEventListener('mousedown', onPointerDown, true); // capture: ahead of cornerstone's tools
+      window.addEventListener('keydown', e => {
+        if (e.key === 'Escape') pointMode.kind = null;
+      });
+      pointMode.listening = true;
+    }
+    pointMode.kind = pointMode.kind === kind ? null : kind;
+    const what = kind === 'foreground' ? 'inside the structure where it is missing' : 'where it is wrong';
+    notify('info', pointMode.kind ? (kind === 'foreground' ? 'Add point' : 'Remove point') : 'Click correction off',
+           pointMode.kind ? `click ${what}; press the button again or Esc to stop` : 'the mouse edits again', 3000);
+  }
+
   const definitions = {
+    mraAddPoint() {
+      arm('foreground');
+    },
+    mraRemovePoint() {
+      arm('background');
+    },
     async mraNextStudy() {
       try {
         const next = await call('POST', `annotate/next/${STRATEGY}`);

@@ -14,7 +14,8 @@
 
 The probabilities come from the last segment infer of that image with the served model version
 (lib/infers/cache.py, filled by the segment task); if missing the models run once. Corrections build on the
-cached current label map, so correcting one structure keeps the corrections of the others.
+cached current label map, so correcting one structure keeps the corrections of the others; OHIF's route
+(lib/monailabel_adapter/annotate_refine.py) hands over the label map as the viewer holds it instead.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from mrannotator.imageio import load_image
 from mrannotator.orientation import voxel_spacing
 from mrannotator.refine import refine
 from mrannotator.refine_shape import long_axis_of
+
+VIEWER_LABELS = "viewer_labels"  # in-process only (lib/monailabel_adapter/annotate_refine.py): an ndarray
 
 
 class _RefineBase(InferTask):
@@ -68,6 +71,11 @@ class _RefineBase(InferTask):
                 raise unprocessable(f"image {key!r} cannot be segmented: {e}") from e
             remember(request, result, version)
             probs, labels = dict(result.probabilities or {}), np.asanyarray(result.labels.dataobj)
+        held = request.get(VIEWER_LABELS)
+        if held is not None:  # the label map as the viewer holds it (brush edits included): build on that
+            if not isinstance(held, np.ndarray) or held.shape != img.shape:
+                raise bad_request(f"{VIEWER_LABELS} must be a label volume of the image's shape {img.shape}")
+            labels = held
         try:
             new = refine(np.asanyarray(img.dataobj), labels, probs.get(sid), sid, foreground, background,
                          scribbles, voxel_spacing(img.affine), long_axis_of(img.affine))

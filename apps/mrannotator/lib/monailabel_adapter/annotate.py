@@ -1,6 +1,6 @@
 """The MONAI Label workflow of the OHIF viewer at /viewer/ (``ohif_extension/mrannotator.js``), in the server's terms.
 
-Three routes, each a thin wrapper around what MONAI Label already does, so that the browser never has to
+Four routes, each a thin wrapper around what MONAI Label already does, so that the browser never has to
 know the server's image grid (see :mod:`lib.frame_labels` for why frames are keyed by SOPInstanceUID):
 
 - ``POST /annotate/next/{strategy}`` (annotator): the app's ``next_sample`` (the active-learning strategy);
@@ -13,6 +13,8 @@ know the server's image grid (see :mod:`lib.frame_labels` for why frames are key
   ids, and the datastore's ``save_label`` makes it the series' final label (the mirror check, then the
   project's SEG writer), then the app's ``on_save_label``. A name not in the catalogue, a frame of another
   series or of the wrong size: 400 naming it; a mirrored label: 409 with the reason (lib/label_guard.py).
+- ``POST /annotate/refine?image=SERIES`` (annotator): click correction of one structure on the label as the
+  viewer holds it; its own module, lib/monailabel_adapter/annotate_refine.py, built on these helpers.
 """
 
 from __future__ import annotations
@@ -120,9 +122,8 @@ def _segment_ids(segments) -> dict[str, int]:
     return out
 
 
-async def save_label(request: Request, image: str = ""):
-    from starlette.concurrency import run_in_threadpool
-
+async def read_json(request: Request, what: str) -> dict:
+    """The request's JSON object body, counted as it arrives (413 past ``MAX_BODY``, 400 if not an object)."""
     too_large = HTTPException(status_code=413, detail=f"the label body is over {MAX_BODY} bytes")
     if int(request.headers.get("content-length") or 0) > MAX_BODY:
         raise too_large
@@ -136,22 +137,34 @@ async def save_label(request: Request, image: str = ""):
     try:
         payload = json.loads(body or b"null")
     except ValueError as e:
-        raise bad_request(f"the body must be JSON {{segments, frames}}: {e}") from e
+        raise bad_request(f"the body must be JSON {what}: {e}") from e
     if not isinstance(payload, dict):
-        raise bad_request("the body must be a JSON object {segments, frames}")
+        raise bad_request(f"the body must be a JSON object {what}")
+    return payload
+
+
+async def save_label(request: Request, image: str = ""):
+    from starlette.concurrency import run_in_threadpool
+
+    payload = await read_json(request, "{segments, frames}")
     return await run_in_threadpool(_save, image, payload)
+
+
+def viewer_label(series, payload: dict) -> tuple[np.ndarray, dict[str, int]]:
+    """The label volume (catalogue ids) the browser sent as ``{segments, frames}``, and segment index -> id."""
+    first = series.datasets[0]
+    ids = _segment_ids(payload.get("segments"))
+    volume = volume_from_frames(payload.get("frames") or {}, [str(d.SOPInstanceUID) for d in series.datasets],
+                                int(first.Rows), int(first.Columns))
+    return relabel(volume, ids), ids
 
 
 def _save(image: str, payload: dict) -> dict:
     app = _app()
     datastore = app_datastore(app)
     series = _series(datastore, image)
-    first = series.datasets[0]
     try:
-        ids = _segment_ids(payload.get("segments"))
-        volume = volume_from_frames(payload.get("frames") or {}, [str(d.SOPInstanceUID) for d in series.datasets],
-                                    int(first.Rows), int(first.Columns))
-        label = relabel(volume, ids)
+        label, _ = viewer_label(series, payload)
     except InputError as e:
         raise bad_request(f"label for series {image} refused: {e}") from e
     fd, path = tempfile.mkstemp(suffix=".nii.gz")

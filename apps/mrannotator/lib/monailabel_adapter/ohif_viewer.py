@@ -136,6 +136,7 @@ def install(app) -> None:
         APIRoute(prefix, to_viewer, methods=["GET"], include_in_schema=False),
     ]
     mimetypes.add_type("application/wasm", ".wasm")
-    from . import annotate
+    from . import annotate, annotate_refine
 
     annotate.install(app)  # the routes of the viewer's MONAI Label workflow (ohif_extension/)
+    annotate_refine.install(app)  # click correction in the viewer

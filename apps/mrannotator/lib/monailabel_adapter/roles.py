@@ -68,6 +68,7 @@ ROUTE_ROLES: dict[tuple[str, str], str] = {
     ("POST", "/annotate/next/{strategy}"): "annotator",
     ("POST", "/annotate/infer"): "annotator",
     ("PUT", "/annotate/label"): "annotator",
+    ("POST", "/annotate/refine"): "annotator",
     # POST to the proxy is a STOW-RS (OHIF sends it to its WADO root); nothing else is forwarded on POST
     ("GET", "/proxy/dicom/stow/{path:path}"): "annotator",
     ("POST", "/proxy/dicom/stow/{path:path}"): "annotator",
