@@ -529,7 +529,8 @@ def test_click_correction_in_the_viewer(setup, case):
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    entry, tag = setup["series"][case], f"click-{case}"
+    entry, tag = setup["series"][case], ("main" if case == MAIN else f"click-{case}")
+    docs = case == MAIN  # docs/ohif/annotate_5_click_removed.png, annotate_6_click_added.png
     datasets = entry["datasets"]
     with sync_playwright() as p:
         browser = _browser(p)
@@ -551,13 +552,13 @@ def test_click_correction_in_the_viewer(setup, case):
                                          lambda f, px, sp, u: eraser_target(f, value))
             after = _frames_by_uid(answer["frames"], datasets)
             _check_click(frames, after, sent, aimed, value, "background")
-            _shot(page, f"{tag}-1_removed.png", False)
+            _shot(page, f"{tag}-5_click_removed.png", docs)
             aimed2, sent2, answer2 = _click(page, entry, after, names[value], "MRAAddPoint", tag,
                                             _restore(frames, value, aimed["centre"]), pick=False)
             final = _frames_by_uid(answer2["frames"], datasets)
             _check_click(after, final, sent2, aimed2, value, "foreground")
             assert sent2["background"] == sent["background"], "the clicks so far are not all sent"
-            _shot(page, f"{tag}-2_added.png", False)
+            _shot(page, f"{tag}-6_click_added.png", docs)
             with page.expect_request(lambda r: "/annotate/label" in r.url and r.method == "PUT",
                                      timeout=120_000) as saved:
                 page.locator("[data-cy=MRASaveLabel-btn]").click()
