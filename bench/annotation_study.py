@@ -184,9 +184,10 @@ def stop_study_server(server) -> None:
 
 
 def _train(client, params: dict, probe_image: str, timeout: float = 3600, probe_pause: float = 5.0) -> dict:
-    """POST /train/ and, until it ends, infer ``probe_image`` every ``probe_pause`` s (latency while training)."""
+    """POST /train/ and, until it ends, infer ``probe_image`` every ``probe_pause`` s (latency while training;
+    ``probe_pause`` <= 0: no probe, the training has the machine)."""
     idle = []
-    for _ in range(3):
+    for _ in range(3 if probe_pause > 0 else 0):
         t = time.perf_counter()
         client.infer(TASK, probe_image, {})
         idle.append(time.perf_counter() - t)
@@ -209,7 +210,8 @@ def _train(client, params: dict, probe_image: str, timeout: float = 3600, probe_
 
     thread = threading.Thread(target=probe, daemon=True)
     t0 = time.perf_counter()
-    thread.start()
+    if probe_pause > 0:
+        thread.start()
     deadline = time.time() + timeout
     try:
         while True:
@@ -222,22 +224,24 @@ def _train(client, params: dict, probe_image: str, timeout: float = 3600, probe_
             time.sleep(2)
     finally:
         stop.set()
-        thread.join(120)
+        if thread.is_alive():
+            thread.join(120)
     if status["status"] != "DONE":
         raise RuntimeError(f"training ended {status['status']}:\n" + "\n".join(status.get("details", [])[-30:]))
     stats = client.info()["train_stats"][TRAINER]
-    idle_s, during_s = statistics.median(idle), statistics.median(during) if during else None
+    idle_s = statistics.median(idle) if idle else None
+    during_s = statistics.median(during) if during else None
     return {
         "train_seconds": round(stats.get("seconds", time.perf_counter() - t0), 1),
         "train_wall_seconds": round(time.perf_counter() - t0, 1),
         "train_cases": len(stats["models"][MODEL]["cases"]),
         "train_last_epoch": stats["models"][MODEL]["epochs"][-1],
         "model_version": stats.get("version"),
-        "infer_idle_seconds": round(idle_s, 2),
+        "infer_idle_seconds": round(idle_s, 2) if idle_s else None,
         "infer_during_training_seconds": round(during_s, 2) if during_s else None,
         "infer_during_training_max_seconds": round(max(during), 2) if during else None,
         "infer_during_training_requests": len(during),
-        "infer_latency_ratio": round(during_s / idle_s, 2) if during_s else None,
+        "infer_latency_ratio": round(during_s / idle_s, 2) if during_s and idle_s else None,
         "infer_failures": failures,
     }
 
@@ -423,6 +427,8 @@ def main(argv=None) -> int:
     ap.add_argument("--learning-rate", type=float, default=TRAIN_PARAMS["learning_rate"])
     ap.add_argument("--weights", type=Path, default=ROOT / "models" / "demo")
     ap.add_argument("--until", default=None, help="UTC HH:MM after which no new round starts")
+    ap.add_argument("--probe-pause", type=float, default=5.0,
+                    help="s between infer probes while training (latency while training); 0: no probe")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "annotation_study.json")
     ap.add_argument("--combine", type=Path, nargs="+", default=None,
                     help="merge the arms of these result files (arms run as separate processes) into --out")

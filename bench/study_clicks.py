@@ -69,7 +69,7 @@ def click_then_paint(client, image_id: str, truth: np.ndarray, spacing, structur
 
 
 def run_arm(client, site, arm: str, schedule: list[int], train_params: dict, study, log=print,
-            deadline: float | None = None, start: dict | None = None) -> dict:
+            deadline: float | None = None, start: dict | None = None, probe_pause: float = 5.0) -> dict:
     """One arm: each round the annotator corrects the picked cases, saves them final, then (unless
     ``no_finetune``) the server fine-tunes and the held-out sets are re-evaluated."""
     labels = list(client.info()["labels"])
@@ -92,7 +92,8 @@ def run_arm(client, site, arm: str, schedule: list[int], train_params: dict, stu
         if arm == "no_finetune":
             train, ev = {"train_seconds": 0.0}, start or study.evaluate(client, site)
         else:
-            train = study._train(client, train_params, probe_image=site.replay[0].name if site.replay else image_id)
+            train = study._train(client, train_params, probe_image=site.replay[0].name if site.replay else image_id,
+                                 probe_pause=probe_pause)
             ev = study.evaluate(client, site)
         row = {"labelled": labelled, "new_site_dice": ev["new_site_dice"], "original_dice": ev["original_dice"],
                **{f"{key}_per_case": round(float(np.mean([c[key] for c in cases])), 2)
@@ -125,7 +126,7 @@ def main_hard(args, study, schedule: list[int], train_params: dict, deadline, lo
                     part["start"] = {"new_site_dice": ev["new_site_dice"], "original_dice": ev["original_dice"]}
                     log(f"hard site {args.hard_site} start: {part['start']}")
                 part["arms"][arm] = run_arm(client, site, arm, schedule, train_params, study, log, deadline,
-                                            start=part["start"])
+                                            start=part["start"], probe_pause=args.probe_pause)
                 _save(args.out, part)
             finally:
                 study.stop_study_server(server)
