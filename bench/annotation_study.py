@@ -434,7 +434,13 @@ def main(argv=None) -> int:
                     help="merge the arms of these result files (arms run as separate processes) into --out")
     ap.add_argument("--add-repeats", type=Path, nargs="+", default=None,
                     help="add these results of other repeats (--repeat N) to --out, with the spread of the finals")
+    ap.add_argument("--combine-hard", type=Path, nargs="+", default=None,
+                    help="merge study v2 results (--hard-site; one arm / repeat per file) into --out")
     args = ap.parse_args(argv)
+    if args.combine_hard:
+        import study_clicks
+
+        return study_clicks.combine_hard(args.combine_hard, args.out)
     if args.combine:
         return combine(args.combine, args.out)
     if args.add_repeats:

@@ -143,3 +143,57 @@ def _save(out: Path, part: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out)
+
+
+def _repeat_of(part: dict) -> int:
+    words = part.get("command", "").split()
+    return int(words[words.index("--repeat") + 1]) if "--repeat" in words else 0
+
+
+def arm_summary(arm: dict, start: dict) -> dict:
+    """The acceptance figures of one arm: effort ratios round 1 / last round, Dice after the last round."""
+    rounds = arm["rounds"]
+    first, last = rounds[0], rounds[-1]
+
+    def ratio(key: str) -> float | None:
+        return round(first[key] / last[key], 2) if last[key] else None
+
+    return {"rounds_done": len(rounds), "labelled": last["labelled"],
+            "clicks_per_case": [r["clicks_per_case"] for r in rounds],
+            "slices_touched_per_case": [r["slices_touched_per_case"] for r in rounds],
+            "voxels_painted_per_case": [r["voxels_painted_per_case"] for r in rounds],
+            "clicks_ratio_first_to_last": ratio("clicks_per_case"),
+            "slices_ratio_first_to_last": ratio("slices_touched_per_case"),
+            "new_site_dice_last": last["new_site_dice"],
+            "original_drop": round(start["original_dice"] - last["original_dice"], 4)}
+
+
+def combine_hard(files: list[Path], out: Path) -> int:
+    """Merge v2 results run as separate processes (one arm / repeat each) into ``"hard_site"`` of ``out``:
+    repeat 0's arms as ``arms``, every repeat under ``repeats``, and per arm the spread (min, max) of the
+    acceptance figures over the repeats."""
+    parts = [json.loads(Path(f).read_text())["hard_site"] for f in files]
+    by_repeat: dict[int, dict] = {}
+    for part in parts:
+        entry = by_repeat.setdefault(_repeat_of(part), {"start": part["start"], "arms": {}, "commands": []})
+        entry["arms"].update(part["arms"])
+        entry["commands"].append(part["command"])
+    for entry in by_repeat.values():
+        entry["summary"] = {arm: arm_summary(a, entry["start"]) for arm, a in entry["arms"].items() if a["rounds"]}
+    spread: dict = {}
+    for arm in ARMS:
+        rows = [e["summary"][arm] for e in by_repeat.values() if arm in e["summary"]]
+        if not rows:
+            continue
+        spread[arm] = {"repeats": len(rows)}
+        for key in ("clicks_ratio_first_to_last", "slices_ratio_first_to_last", "new_site_dice_last",
+                    "original_drop", "labelled"):
+            values = [r[key] for r in rows if r[key] is not None]
+            spread[arm][key] = {"min": min(values), "max": max(values)} if values else None
+    first = by_repeat[min(by_repeat)]
+    part = {"site": parts[0]["site"], "start": first["start"], "arms": first["arms"],
+            "repeats": [{"repeat": r, **e} for r, e in sorted(by_repeat.items())], "spread": spread,
+            "command": "python bench/annotation_study.py --combine-hard " + " ".join(str(f) for f in files)}
+    _save(out, part)
+    print(json.dumps(spread, indent=1))
+    return 0
