@@ -25,7 +25,7 @@ import numpy as np
 from fastapi import HTTPException, Request
 
 from lib.errors import bad_request, not_found
-from lib.frame_labels import frames_from_volume
+from lib.frame_labels import frames_from_volume, relabel
 from lib.infers.refine import VIEWER_LABELS
 from mrannotator.errors import InputError
 
@@ -98,13 +98,11 @@ def _refine(image: str, payload: dict) -> dict:
         new = np.rint(np.asanyarray(nib.load(path).dataobj)).astype(np.int32)
     finally:
         os.unlink(path)
-    unnamed = sorted(int(v) for v in np.unique(new) if v and int(v) not in index_of)
-    if unnamed:  # only the corrected structure may appear, and the viewer names it (its active segment)
-        raise bad_request(f"the corrected label holds structure id(s) {unnamed} that no segment of the viewer names "
-                          f"(label {label!r}: add a segment of that name first)")
-    out = np.zeros(new.shape, np.int32)
-    for sid, idx in index_of.items():
-        out[new == sid] = idx
+    try:  # back to the viewer's segment indices: every structure present must be one the viewer names
+        out = relabel(new, {str(sid): idx for sid, idx in index_of.items()})
+    except InputError as e:
+        raise bad_request(f"the corrected label holds a structure no segment of the viewer names ({e}); label "
+                          f"{label!r}: add a segment of that name first") from e
     return {"series": image, "model": model, "task": task, "label": label,
             "changed": int((new != held).sum()), "frames": frames_from_volume(out, [str(d.SOPInstanceUID)
                                                                               for d in series.datasets])}
