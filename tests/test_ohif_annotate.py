@@ -199,6 +199,13 @@ def _wait_viewport(page) -> None:
     time.sleep(3)  # the series finishes loading
 
 
+def _open_series(page, setup, entry: dict) -> None:
+    """Open the series straight in the MRAnnotator mode (a link, as the Next study button makes)."""
+    page.goto(f"{setup['server']['url']}/viewer/mrannotator?StudyInstanceUIDs={entry['study']}"
+              f"&SeriesInstanceUIDs={entry['uid']}")
+    _wait_viewport(page)
+
+
 def _pick_segment(page, name: str) -> int:
     """Click the segment's row in the panel until OHIF shows it selected (its row turns ``bg-popover``; a click
     that lands while the panel re-renders after a stroke is lost), then wait until the viewport's instance
@@ -357,41 +364,30 @@ def check_final(setup, entry: dict, expected: np.ndarray, headers: dict | None =
     assert {int(v) for v in np.unique(final) if v} == {catalogue.get(i.TrackingID).id for i in seg.SegmentSequence}
 
 
-def _browser(p):
-    return browser_support.launch(p)
-
-
 def test_next_study_run_model_correct_and_save(setup):
     """Study list -> MRAnnotator mode -> Next study -> Run model -> brush, eraser -> Save label."""
-    from playwright.sync_api import sync_playwright
-
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
     url, series = setup["server"]["url"], setup["series"]
     started = time.monotonic()
-    with sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(f"{url}/viewer/")
-            row = page.locator("tr").filter(has=page.get_by_text("MRAANNOTATE", exact=True))
-            row.first.wait_for(timeout=60_000)
-            row.first.click()
-            _shot(page, "main-1_study_list.png", True)
-            page.get_by_role("button", name="MRAnnotator", exact=True).click()
-            _wait_viewport(page)
-            with page.expect_response(lambda r: "/annotate/next/" in r.url, timeout=120_000) as handed:
-                page.locator("[data-cy=MRANextStudy-btn]").click()
-            assert handed.value.status == 200, handed.value.text()
-            page.wait_for_url(lambda u: "SeriesInstanceUIDs=" in u, timeout=60_000)  # the viewer opens it
-            uid = parse_qs(urlparse(page.url).query)["SeriesInstanceUIDs"][0]
-            _wait_viewport(page)
-            (name,) = [k for k, e in series.items() if e["uid"] == uid]
-            description = str(series[name]["datasets"][0].SeriesDescription)
-            assert page.locator("[data-cy=viewport-pane]").get_by_text(description).first.is_visible()
-            done = annotate(page, series[name], "main", docs=True)
-        finally:
-            browser.close()
+    with browser_support.open_page() as page:
+        page.goto(f"{url}/viewer/")
+        row = page.locator("tr").filter(has=page.get_by_text("MRAANNOTATE", exact=True))
+        row.first.wait_for(timeout=60_000)
+        row.first.click()
+        _shot(page, "main-1_study_list.png", True)
+        page.get_by_role("button", name="MRAnnotator", exact=True).click()
+        _wait_viewport(page)
+        with page.expect_response(lambda r: "/annotate/next/" in r.url, timeout=120_000) as handed:
+            page.locator("[data-cy=MRANextStudy-btn]").click()
+        assert handed.value.status == 200, handed.value.text()
+        page.wait_for_url(lambda u: "SeriesInstanceUIDs=" in u, timeout=60_000)  # the viewer opens it
+        uid = parse_qs(urlparse(page.url).query)["SeriesInstanceUIDs"][0]
+        _wait_viewport(page)
+        (name,) = [k for k, e in series.items() if e["uid"] == uid]
+        description = str(series[name]["datasets"][0].SeriesDescription)
+        assert page.locator("[data-cy=viewport-pane]").get_by_text(description).first.is_visible()
+        done = annotate(page, series[name], "main", docs=True)
     print(f"Next study handed out {name}; browser part {time.monotonic() - started:.0f} s")
     check_final(setup, series[name], check_edits(series[name], done))
 
@@ -407,20 +403,11 @@ CASES = ALL_CASES if os.environ.get("MRANNOTATOR_OHIF_MATRIX") == "all" else SUI
 @pytest.mark.parametrize("case", CASES)
 def test_geometry_matrix_painted_in_equals_final_out(setup, case):
     """Each series of the matrix, opened in the MRAnnotator mode: the same correction, voxel-exact."""
-    from playwright.sync_api import sync_playwright
-
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     entry = setup["series"][case]
-    with sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(f"{setup['server']['url']}/viewer/mrannotator?StudyInstanceUIDs={entry['study']}"
-                      f"&SeriesInstanceUIDs={entry['uid']}")
-            _wait_viewport(page)
-            done = annotate(page, entry, case)
-        finally:
-            browser.close()
+    with browser_support.open_page() as page:
+        _open_series(page, setup, entry)
+        done = annotate(page, entry, case)
     check_final(setup, entry, check_edits(entry, done))
 
 
@@ -526,46 +513,37 @@ def test_click_correction_in_the_viewer(setup, case):
     """Run model; Remove point inside the largest structure (it leaves that pixel), then, on the same slice,
     Add point where the removal took too much (it takes that pixel back); nothing else moves; Save label
     stores what the clicks gave, voxel for voxel."""
-    from playwright.sync_api import sync_playwright
-
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     entry, tag = setup["series"][case], ("main" if case == MAIN else f"click-{case}")
     docs = case == MAIN  # docs/ohif/annotate_5_click_removed.png, annotate_6_click_added.png
     datasets = entry["datasets"]
-    with sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(f"{setup['server']['url']}/viewer/mrannotator?StudyInstanceUIDs={entry['study']}"
-                      f"&SeriesInstanceUIDs={entry['uid']}")
-            _wait_viewport(page)
-            with page.expect_response(lambda r: "/annotate/infer" in r.url, timeout=300_000) as infer:
-                page.locator("[data-cy=MRARunModel-btn]").click()
-            _wait_toast(page, "Model proposal", "Run model failed", 60_000)
-            proposal = infer.value.json()
-            time.sleep(2)
-            frames = _frames_by_uid(proposal["frames"], datasets)
-            names = {s["value"]: s["name"] for s in proposal["segments"]}
-            values, counts = np.unique(np.stack(list(frames.values())), return_counts=True)
-            value = int(values[1:][np.argmax(counts[1:])])  # the largest structure
-            aimed, sent, answer = _click(page, entry, frames, names[value], "MRARemovePoint", tag,
-                                         lambda f, px, sp, u: eraser_target(f, value))
-            after = _frames_by_uid(answer["frames"], datasets)
-            _check_click(frames, after, sent, aimed, value, "background")
-            _shot(page, f"{tag}-5_click_removed.png", docs)
-            aimed2, sent2, answer2 = _click(page, entry, after, names[value], "MRAAddPoint", tag,
-                                            _restore(frames, value, aimed["centre"]), pick=False)
-            final = _frames_by_uid(answer2["frames"], datasets)
-            _check_click(after, final, sent2, aimed2, value, "foreground")
-            assert sent2["background"] == sent["background"], "the clicks so far are not all sent"
-            _shot(page, f"{tag}-6_click_added.png", docs)
-            with page.expect_request(lambda r: "/annotate/label" in r.url and r.method == "PUT",
-                                     timeout=120_000) as saved:
-                page.locator("[data-cy=MRASaveLabel-btn]").click()
-            _wait_toast(page, "Label saved", "Save label refused", 300_000)
-            body = saved.value.post_data_json
-        finally:
-            browser.close()
+    with browser_support.open_page() as page:
+        _open_series(page, setup, entry)
+        with page.expect_response(lambda r: "/annotate/infer" in r.url, timeout=300_000) as infer:
+            page.locator("[data-cy=MRARunModel-btn]").click()
+        _wait_toast(page, "Model proposal", "Run model failed", 60_000)
+        proposal = infer.value.json()
+        time.sleep(2)
+        frames = _frames_by_uid(proposal["frames"], datasets)
+        names = {s["value"]: s["name"] for s in proposal["segments"]}
+        values, counts = np.unique(np.stack(list(frames.values())), return_counts=True)
+        value = int(values[1:][np.argmax(counts[1:])])  # the largest structure
+        aimed, sent, answer = _click(page, entry, frames, names[value], "MRARemovePoint", tag,
+                                     lambda f, px, sp, u: eraser_target(f, value))
+        after = _frames_by_uid(answer["frames"], datasets)
+        _check_click(frames, after, sent, aimed, value, "background")
+        _shot(page, f"{tag}-5_click_removed.png", docs)
+        aimed2, sent2, answer2 = _click(page, entry, after, names[value], "MRAAddPoint", tag,
+                                        _restore(frames, value, aimed["centre"]), pick=False)
+        final = _frames_by_uid(answer2["frames"], datasets)
+        _check_click(after, final, sent2, aimed2, value, "foreground")
+        assert sent2["background"] == sent["background"], "the clicks so far are not all sent"
+        _shot(page, f"{tag}-6_click_added.png", docs)
+        with page.expect_request(lambda r: "/annotate/label" in r.url and r.method == "PUT",
+                                 timeout=120_000) as saved:
+            page.locator("[data-cy=MRASaveLabel-btn]").click()
+        _wait_toast(page, "Label saved", "Save label refused", 300_000)
+        body = saved.value.post_data_json
     stored = _frames_by_uid(body["frames"], datasets)
     assert all(np.array_equal(stored[u], final[u]) for u in final), "the viewer saved other than the clicks gave"
     ids = {int(k): load_catalogue().get(v).id for k, v in body["segments"].items()}

@@ -22,6 +22,7 @@ import pytest
 import requests
 
 from mrannotator.phantoms import make_phantom
+from mrannotator.testing import browser as browser_support
 from mrannotator.testing import orthanc_support
 from mrannotator.testing.dicom_fixtures import read_series, write_series
 
@@ -78,11 +79,6 @@ def _viewport_pixels(page, name: str) -> np.ndarray:
 
     png = page.locator('[data-viewport-uid="mpr-axial"]').screenshot(path=str(ARTIFACTS / name))
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
-
-
-def _browser(p):
-    return p.chromium.launch(executable_path=str(CHROMIUM),
-                             args=["--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader"])
 
 
 def _connect_and_run(page, server) -> None:
@@ -151,36 +147,29 @@ def _open_in_monai_label_mode(page, server: dict, patient: str, check_list=None)
 
 
 def test_ohif_infer_overlay_and_seg_export_to_the_pacs_label_the_series(setup):
-    from playwright.sync_api import sync_playwright
-
     server, pacs = setup["server"], setup["pacs"]
     series = setup["studies"][EXPORT_EXACT]["series"]
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
     before = orthanc_support.seg_series(pacs, series)
-    with sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            # 1. the study list (QIDO through the server's proxy) shows the MR study; 2. open it in MONAI Label mode
-            def study_list_shows_mr(row):
-                page.screenshot(path=str(ARTIFACTS / "1_study_list.png"))
-                assert row.first.filter(has=page.get_by_role("cell", name="MR", exact=True)).is_visible()
+    with browser_support.open_page() as page:
+        # 1. the study list (QIDO through the server's proxy) shows the MR study; 2. open it in MONAI Label mode
+        def study_list_shows_mr(row):
+            page.screenshot(path=str(ARTIFACTS / "1_study_list.png"))
+            assert row.first.filter(has=page.get_by_role("cell", name="MR", exact=True)).is_visible()
 
-            _open_in_monai_label_mode(page, server, f"MRA{EXPORT_EXACT}", study_list_shows_mr)
-            plain = _viewport_pixels(page, "2_mr_no_overlay.png")
-            # 3. connect the panel (already pointed at this server) and run mrannotator: the overlay appears
-            _connect_and_run(page, server)
-            overlay = _viewport_pixels(page, "3_mr_with_overlay.png")
-            page.screenshot(path=str(ARTIFACTS / "3_viewer_with_overlay.png"))
-            changed = np.abs(overlay - plain).max(axis=2) > 30
-            print(f"viewport pixels changed by the overlay: {changed.mean():.1%}")
-            assert plain.shape == overlay.shape and changed.mean() > 0.01
-            # 4. export the segmentation as DICOM SEG to the PACS
-            _export_seg(page)
-            page.screenshot(path=str(ARTIFACTS / "4_after_export.png"))
-        finally:
-            browser.close()
+        _open_in_monai_label_mode(page, server, f"MRA{EXPORT_EXACT}", study_list_shows_mr)
+        plain = _viewport_pixels(page, "2_mr_no_overlay.png")
+        # 3. connect the panel (already pointed at this server) and run mrannotator: the overlay appears
+        _connect_and_run(page, server)
+        overlay = _viewport_pixels(page, "3_mr_with_overlay.png")
+        page.screenshot(path=str(ARTIFACTS / "3_viewer_with_overlay.png"))
+        changed = np.abs(overlay - plain).max(axis=2) > 30
+        print(f"viewport pixels changed by the overlay: {changed.mean():.1%}")
+        assert plain.shape == overlay.shape and changed.mean() > 0.01
+        # 4. export the segmentation as DICOM SEG to the PACS
+        _export_seg(page)
+        page.screenshot(path=str(ARTIFACTS / "4_after_export.png"))
     # 5. the server lists the series as labelled; the label is the model's result in catalogue ids
     exported, predicted = _label_and_prediction(setup, series, before, EXPORT_EXACT)
     assert np.array_equal(exported, predicted)  # nothing was edited: the export is the model's result
@@ -189,23 +178,16 @@ def test_ohif_infer_overlay_and_seg_export_to_the_pacs_label_the_series(setup):
 def test_ohif_seg_export_reverses_the_slices_of_a_series_numbered_along_its_normal_upstream_bug(setup):
     """Measured upstream defect (see EXPORT_REVERSED): fails once OHIF exports this series exactly. The server
     does not take the reversed export as final: quarantined, the reason in the 409 and the image's info."""
-    from playwright.sync_api import sync_playwright
-
     from mrannotator.dicom import labels_from_seg
 
     server, pacs = setup["server"], setup["pacs"]
     ids = setup["studies"][EXPORT_REVERSED]
     before = orthanc_support.seg_series(pacs, ids["series"])
-    with sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            _open_in_monai_label_mode(page, server, f"MRA{EXPORT_REVERSED}")
-            _connect_and_run(page, server)
-            page.screenshot(path=str(ARTIFACTS / "5_numbered_along_normal_with_overlay.png"))
-            _export_seg(page)
-        finally:
-            browser.close()
+    with browser_support.open_page() as page:
+        _open_in_monai_label_mode(page, server, f"MRA{EXPORT_REVERSED}")
+        _connect_and_run(page, server)
+        page.screenshot(path=str(ARTIFACTS / "5_numbered_along_normal_with_overlay.png"))
+        _export_seg(page)
     new = set(orthanc_support.seg_series(pacs, ids["series"])) - set(before)
     assert len(new) == 1
     time.sleep(3.5)  # the server re-reads the PACS listing after 3 s

@@ -118,18 +118,11 @@ def _log_in_through_the_provider(page, setup) -> dict:
 
 
 def test_annotator_logs_in_to_ohif_through_the_oidc_provider_and_her_token_carries_her_role(setup):
-    from playwright.sync_api import sync_playwright
-
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     url = setup["server"]["url"]
     started = time.monotonic()
-    with sync_playwright() as p:
-        browser = browser_support.launch(p)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            seen = _log_in_through_the_provider(page, setup)
-        finally:
-            browser.close()
+    with browser_support.open_page() as page:
+        seen = _log_in_through_the_provider(page, setup)
     print(f"browser: viewer -> provider login -> study list {seen['listed'] - started:.1f} s, "
           f"study open {time.monotonic() - seen['listed']:.1f} s more")
     # authorization code + PKCE: S256 challenge out, the verifier with the code exchange

@@ -110,17 +110,10 @@ class Proxy:
 
 @pytest.fixture(scope="module")
 def browser_page(server):
-    from playwright.sync_api import sync_playwright
-
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
-    with sync_playwright() as p:
-        browser = browser_support.launch(p)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            yield page, Proxy(page)
-        finally:
-            browser.close()
+    with browser_support.open_page() as page:
+        yield page, Proxy(page)
 
 
 def _shot(page, name: str) -> None:

@@ -208,22 +208,15 @@ def _stored_labels(setup) -> np.ndarray:
 
 
 def test_annotator_paints_erases_and_stores_a_seg_in_the_current_ohif(setup):
-    from playwright.sync_api import sync_playwright
-
     from mrannotator.dicom import stack_geometry
 
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
     started = time.monotonic()
-    with sync_playwright() as p:
-        browser = browser_support.launch(p)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            _open_segmentation_mode(page, setup["server"]["url"])
-            opened = time.monotonic()
-            drawn = _paint_and_store(page, setup)
-        finally:
-            browser.close()
+    with browser_support.open_page() as page:
+        _open_segmentation_mode(page, setup["server"]["url"])
+        opened = time.monotonic()
+        drawn = _paint_and_store(page, setup)
     print(f"browser part: {time.monotonic() - started:.0f} s (study list to segmentation mode {opened - started:.0f} s,"
           f" scroll / paint / erase / store {time.monotonic() - opened:.0f} s)")
     datasets = setup["datasets"]

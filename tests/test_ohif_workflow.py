@@ -155,18 +155,11 @@ def _served_version(url: str, image: str, bearer: dict) -> str:
 
 
 def test_log_in_next_study_correct_save_and_the_correction_trains_the_next_model(setup):
-    from playwright.sync_api import sync_playwright
-
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     url = setup["server"]["url"]
     started = time.monotonic()
-    with sync_playwright() as p:
-        browser = browser_support.launch(p)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            entry, done, seen = _log_in_and_annotate(page, setup)
-        finally:
-            browser.close()
+    with browser_support.open_page() as page:
+        entry, done, seen = _log_in_and_annotate(page, setup)
     print(f"browser: login, next study, run model, correct, save in {time.monotonic() - started:.0f} s")
     to_server = [r for r in seen if r.url.startswith(f"{url}/annotate/") or r.url.startswith(f"{url}/proxy/")]
     headers = [r.headers.get("authorization", "") for r in to_server]
