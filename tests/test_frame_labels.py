@@ -83,4 +83,5 @@ def test_annotate_routes_need_the_annotator_role():
     assert required_role("POST", "/annotate/next/random") == "annotator"
     assert required_role("POST", "/annotate/infer") == "annotator"
     assert required_role("PUT", "/annotate/label") == "annotator"
+    assert required_role("POST", "/annotate/refine") == "annotator"
     assert required_role("DELETE", "/annotate/label") == "admin"  # unlisted: admin

@@ -458,6 +458,28 @@ def test_annotate_routes_refuse_bad_input_and_a_mirrored_label(setup):
     ]:
         r = requests.post(f"{url}/annotate/refine?image={entry['uid']}", json=body, timeout=300)
         assert r.status_code == 400 and words in r.json()["detail"], r.text
+    # a body announced over the cap is refused before it is read (both routes read JSON the same way)
+    for method, route in (("PUT", "label"), ("POST", "refine")):
+        status, text = _announce_oversize(setup["server"]["port"], method, f"/annotate/{route}?image={entry['uid']}")
+        assert status == 413 and "over" in text and "bytes" in text, (route, status, text)
+
+
+def _announce_oversize(port: int, method: str, path: str) -> tuple[int, str]:
+    """Send the headers of a JSON body one byte over the routes' cap and its first byte; the answer."""
+    import http.client
+
+    from lib.monailabel_adapter.annotate import MAX_BODY
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.putrequest(method, path)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(MAX_BODY + 1))
+        conn.endheaders(b"{")
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        conn.close()
 
 
 # ------------------------------------------------------------------ click correction (issue 21)
