@@ -9,7 +9,9 @@ refinement is ``mrannotator.refine.refine`` on the served model's probability fo
 
 Sites: ``t1`` (the easy contrast-only new site of ``mrannotator.sites``) and the hard sites of
 ``mrannotator.hard_sites`` (anatomical variation + acquisition shifts); plus the bundled real MR
-(``../shared/data/real_mr``) against its TotalSegmentator reference.
+(``../shared/data/real_mr``) against its TotalSegmentator reference; plus good proposals (``good_proposals``:
+every region's phantoms at the training contrast, all region models merged, 5 clicks per structure: a click
+must not make a good structure worse).
 
     python bench/interactive.py                                  # every site, 3 cases each, real MR
     python bench/interactive.py --sites hard_t1 --cases 1 --no-real-mr --out /tmp/x.json   # smoke
@@ -124,6 +126,53 @@ def real_mr_case(seg, refine, structures: dict[int, str], full: bool) -> dict:
     return correct_case(seg, refine, image, truth, structures, full)
 
 
+GOOD_REGIONS = ("knee", "shoulder", "prostate", "pelvis", "lumbar_spine", "abdomen")
+GOOD_SEEDS = (77, 78)
+GOOD_CLICKS = 5
+
+
+def good_proposals(refine, threads: int, regions=GOOD_REGIONS, seeds=GOOD_SEEDS) -> dict:
+    """Clicks on proposals that are already good: phantoms of every region at the training contrast, all region
+    models merged (as the server serves them), each structure clicked GOOD_CLICKS times by the same protocol.
+    A click must not make a good structure worse: ``worse_after_5`` counts structures whose Dice after 5 clicks
+    is more than 0.005 below their start."""
+    from mrannotator.engine import Segmenter
+    from mrannotator.evaluation.clicks import simulate
+    from mrannotator.phantoms import make_phantom
+    from mrannotator.refine_shape import long_axis_of
+
+    seg = Segmenter(ROOT / "models" / "demo", device="cpu", threads=threads)
+    out: dict = {}
+    for region in regions:
+        rows = []
+        for seed in seeds:
+            ph = make_phantom(region, seed=seed)
+            result = seg.segment(ph.image, probabilities=True)
+            data = np.asanyarray(ph.image.dataobj).astype(np.float32)
+            start, truth = np.asanyarray(result.labels.dataobj), np.asanyarray(ph.labels.dataobj)
+            spacing, axis = spacing_of(ph.image.affine), long_axis_of(ph.image.affine)
+            for sid in sorted(set(np.unique(truth).tolist()) - {0}):
+                prob = result.probabilities.get(sid)
+                if prob is None:
+                    continue
+
+                def run_refine(fg, bg, sid=sid, prob=prob, data=data, start=start, spacing=spacing, axis=axis):
+                    return refine(data, start, prob, sid, foreground=fg, background=bg, spacing=spacing,
+                                  long_axis=axis)
+
+                d = simulate(run_refine, start, truth == sid, sid, GOOD_CLICKS, spacing).dices
+                rows.append(d + [d[-1]] * (GOOD_CLICKS + 1 - len(d)))
+        a = np.asarray(rows)
+        out[region] = {"n": len(rows), "start_dice_mean": round(float(a[:, 0].mean()), 3),
+                       "dice_at_1_mean": round(float(a[:, 1].mean()), 3),
+                       "dice_at_5_mean": round(float(a[:, GOOD_CLICKS].mean()), 3),
+                       "worse_after_5": int((a[:, GOOD_CLICKS] < a[:, 0] - 0.005).sum()),
+                       "largest_one_click_drop": round(float(np.max(a[:, :-1] - a[:, 1:])), 3)}
+        print("good", region, json.dumps(out[region]), flush=True)
+    total = {"n": sum(v["n"] for v in out.values()), "worse_after_5": sum(v["worse_after_5"] for v in out.values())}
+    return {"regions": out, **total}
+
+
 def machine() -> str:
     import psutil
 
@@ -155,6 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="always 20 clicks (default: stop once Dice@10 and 0.90 known)")
     ap.add_argument("--refine", default="mrannotator.refine:refine", help="module:function of the refinement")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-good", action="store_true", help="skip the clicks on good proposals of every region")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "interactive.json")
     args = ap.parse_args(argv)
     from mrannotator.engine import Segmenter
@@ -184,6 +234,8 @@ def main(argv=None) -> int:
         result["real_mr"] = {"dice_at_10": per, "dice_at_10_mean": round(float(np.mean(list(per.values()))), 3)}
         detail["real_mr_start_dice"] = {n: case[n]["dices"][0] for n in per}
         print("real_mr", json.dumps(result["real_mr"]), flush=True)
+    if not args.no_good:
+        result["good_proposals"] = good_proposals(refine, args.threads)
     secs = [s for cases in detail["sites"].values() for c in cases for n, r in c.items() if n != "segment_seconds"
             for s in r["seconds"]]
     secs += [s for n, r in (detail["real_mr"] or {}).items() if n != "segment_seconds" for s in r["seconds"]]

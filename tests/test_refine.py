@@ -169,6 +169,36 @@ def test_a_click_on_a_good_segmentation_does_not_destroy_it(segmenter):
 
 
 
+def test_a_boundary_click_on_a_good_proposal_leaves_the_rest_of_it(segmenter):
+    """All region models merged, as served; a shoulder phantom at the training contrast gets a good proposal.
+    One click by the protocol on each bone's largest error (a boundary correction) costs at most 0.04 Dice, and
+    every voxel of the bone that the model was sure of and that lies beyond any click's reach (60 mm) stays.
+    Without the locality rule the re-solve's edge term eroded the thin bones everywhere: clavicles 0.95 -> 0.57
+    and 0.94 -> 0.51, humeri 0.97 -> 0.87 and 0.81 after one click."""
+    from mrannotator.phantoms import make_phantom
+
+    ph = make_phantom("shoulder", seed=77)
+    seg = segmenter.segment(ph.image, probabilities=True)
+    image, labels, truth = np.asarray(ph.image.dataobj), np.asarray(seg.labels.dataobj), np.asarray(ph.labels.dataobj)
+    sp = voxel_spacing(ph.image.affine)
+    names = [CAT.by_id(i).name for i in sorted(set(np.unique(truth).tolist()) - {0})]
+    assert {"clavicle_left", "clavicle_right", "humerus_left", "humerus_right"} <= set(names), names
+    for name in names:
+        sid = CAT.get(name).id
+        cur, true = labels == sid, truth == sid
+        start = _dice(cur, true)
+        assert start > 0.9, (name, start)
+        missed, false = true & ~cur, cur & ~true
+        point = _deepest(missed if missed.sum() >= false.sum() else false, sp)
+        clicks = {"foreground": [point]} if missed.sum() >= false.sum() else {"background": [point]}
+        new = refine(image, labels, seg.probabilities[sid], sid, spacing=sp, **clicks)
+        assert _dice(new == sid, true) >= start - 0.04, (name, start, _dice(new == sid, true))
+        grid = np.indices(cur.shape).reshape(3, -1).T
+        far = (np.sqrt((((grid - np.asarray(point)) * np.asarray(sp)) ** 2).sum(axis=1)) > 60.0).reshape(cur.shape)
+        sure = cur & far & (np.asarray(seg.probabilities[sid]) >= 0.9)
+        assert sure.any() and np.all(new[sure] == sid), (name, int(sure.sum()), int((new[sure] != sid).sum()))
+
+
 def _tube_scene(seed=5):
     """A dark tube (radius 3 voxels = 13.5 mm, along axis 2) in tissue only 2 noise SDs brighter, next to a
     block of the tube's own signal 2 voxels away (as the IVC beside the aorta), 4.5 x 4.5 x 8 mm voxels."""

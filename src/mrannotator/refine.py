@@ -28,6 +28,14 @@ a binary graph cut (``numpymaxflow``, Boykov-Kolmogorov, 6-connectivity) on a cr
   click's reach; crops over ``GRAPH_VOXELS`` are cut on 2 x 2 blocks along axes finer than ``FINE_MM``.
 - A voxel of another structure is taken only under a foreground seed or where the net click term is over
   ``TAKE_FROM_OTHERS`` x ``CLICK_GAIN``; voxels of other structures never move otherwise.
+- Locality: while every click is a boundary correction (each within ``NEAR_MM`` of the model region's edge, so
+  the model is right about this structure but for its border), the voxels of the structure that the model is
+  sure of (p >= ``KEEP_P``) and that no click reaches stay as they are. Without this the re-solve's edge term
+  eroded thin structures far from the click (measured on good proposals in all regions: one click took a
+  clavicle from Dice 0.95 to 0.57, and 62 of 134 structures were worse after 5 clicks than before; with it 27,
+  bench/README.md "Clicks on good proposals"). A click deep in a region the model got wrong (a missed organ, a
+  false one) releases this: then the whole crop is re-solved, which also cleans the model's false voxels away
+  from the clicks.
 """
 
 from __future__ import annotations
@@ -49,6 +57,9 @@ MARGIN_MM = 8.0  # the crop around the current and the model's region (clicks ad
 GRAPH_VOXELS = 300_000  # a larger crop is cut on 2 x 2 blocks along its axes finer than FINE_MM
 FINE_MM = 1.6
 TAKE_FROM_OTHERS = 0.1  # a foreground click's term above this share of CLICK_GAIN may take another structure's voxel
+KEEP_P = 0.9  # while every click is a boundary correction, voxels of the structure the model is this sure of ...
+KEEP_OUTSIDE = 0.02  # ... stay where no click's term reaches this share of CLICK_GAIN (outside every click's reach)
+HARD = 30.0  # log-odds of a voxel that must not change (the graph cut's probabilities are clipped to 1e-7 anyway)
 
 
 def refine(image: np.ndarray, labels: np.ndarray, probability: np.ndarray | None, label_id: int,
@@ -100,6 +111,9 @@ def refine(image: np.ndarray, labels: np.ndarray, probability: np.ndarray | None
         seeds_bg |= scribbles[sl] == 2
         clicks += _scribble_term(seeds_fg, spacing) - _scribble_term(seeds_bg, spacing)
     unary = logit + clicks
+    if all(near_s < NEAR_MM for near_s, _ in scales):  # boundary corrections only: the model is trusted elsewhere
+        keep = (np.abs(clicks) <= KEEP_OUTSIDE * CLICK_GAIN) & current[sl] & (prior[sl] >= KEEP_P)
+        unary[keep] = HARD
     region = (_graph_cut(img / noise, unary, spacing) | seeds_fg) & ~seeds_bg  # seeds are hard constraints
 
     out = labels.copy()
