@@ -32,7 +32,7 @@ a binary graph cut (``numpymaxflow``, Boykov-Kolmogorov, 6-connectivity) on a cr
   the model is right about this structure but for its border), the voxels of the structure that the model is
   sure of (p >= ``KEEP_P``) and that no click reaches stay as they are. Without this the re-solve's edge term
   eroded thin structures far from the click (measured on good proposals in all regions: one click took a
-  clavicle from Dice 0.95 to 0.57, and 62 of 134 structures were worse after 5 clicks than before; with it 27,
+  clavicle from Dice 0.95 to 0.57, and 43 of 90 structures were worse after 5 clicks than before; with it 21,
   bench/README.md "Clicks on good proposals"). A click deep in a region the model got wrong (a missed organ, a
   false one) releases this: then the whole crop is re-solved, which also cleans the model's false voxels away
   from the clicks.
