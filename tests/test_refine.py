@@ -231,3 +231,29 @@ def test_a_click_on_a_tube_follows_it_along_the_body_without_leaking(name, expec
         assert covered >= 8 and false < 0.25 * (new & tube).sum(), (covered, false, int((new & tube).sum()))
     else:
         assert false > (new & tube).sum(), (covered, false)  # what the tube profile fixes
+
+
+def _blurred_organ(seed: int):
+    """A missed organ (ellipsoid, 60 x 40 x 66 mm) of strong contrast (430 in 800, noise SD 19: 19 SDs) on
+    3.5 x 3.5 x 6 mm voxels, imaged as the phantoms are: blurred over 0.6 voxel, so its outermost voxels carry
+    20-40 % of the tissue around it."""
+    rng = np.random.default_rng(seed)
+    shape, sp = (40, 40, 20), (3.5, 3.5, 6.0)
+    grid = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, sp, strict=True)], indexing="ij"), -1)
+    organ = (((grid - [70.0, 70.0, 60.0]) / [30.0, 20.0, 33.0]) ** 2).sum(-1) <= 1
+    image = ndimage.gaussian_filter(np.where(organ, 430.0, 800.0), 0.6) + rng.normal(0, 19, shape)
+    return image.astype(np.float32), organ, sp
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_click_in_a_missed_organ_takes_its_partial_volume_border(seed):
+    """One click in the middle of a missed, well-contrasted organ claims it to its border voxels and nothing
+    beyond: without the partial-volume rule those voxels (about 200 of 1,125) fall outside the click's intensity
+    tolerance and the organ stops at Dice 0.88-0.91, each further click fixing a few of them (t1 site's spleen)."""
+    image, organ, sp = _blurred_organ(seed)
+    sid = CAT.get("spleen").id
+    labels = np.zeros(image.shape, np.uint8)
+    new = refine(image, labels, np.zeros(image.shape, np.float32), sid, foreground=[(20, 20, 10)], spacing=sp) == sid
+    missed, false = int((organ & ~new).sum()), int((new & ~organ).sum())
+    assert _dice(new, organ) >= 0.95, (_dice(new, organ), missed, false)
+    assert false <= 0.02 * organ.sum(), false
