@@ -356,6 +356,19 @@ def _with_partial_volume(region: np.ndarray, local: np.ndarray, ref: float, nois
     the region and its border): more than half of it is the clicked tissue."""
     from scipy import ndimage
 
+    found = ndimage.find_objects(region.astype(np.uint8))
+    if not found or found[0] is None:
+        return region
+    # only the region's bounding box grown by 2 voxels can change (a 6-neighbour beyond its border is 2 away)
+    sub = tuple(slice(max(0, a.start - 2), min(n, a.stop + 2)) for a, n in zip(found[0], region.shape, strict=True))
+    out = region.copy()
+    out[sub] = _border_mixed(region[sub], local[sub], ref, noise)
+    return out
+
+
+def _border_mixed(region: np.ndarray, local: np.ndarray, ref: float, noise: float) -> np.ndarray:
+    from scipy import ndimage
+
     cross = ndimage.generate_binary_structure(3, 1)
     grown = ndimage.binary_dilation(region, cross)
     border, beyond = grown & ~region, ~grown
