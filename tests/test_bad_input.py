@@ -264,6 +264,37 @@ def test_upstream_behaviour_the_adapter_answers_for(tmp_path):
         assert "NamedTemporaryFile(suffix=file_ext).name" in source and "background_tasks.add_task" in source
         assert "json.loads(params)" in source  # invalid JSON: a bare 500; the adapter answers 400
     assert 'status_code=500, detail="Neither Image' in inspect.getsource(infer_endpoints.run_inference)
+    # removals refresh the index only without auto reload (else the file watcher does, later): the adapter
+    # refreshes before answering (lib/monailabel_adapter/datastore_internals.py)
+    for method in (LocalDatastore.remove_image, LocalDatastore.remove_label):
+        assert "if not self._auto_reload:" in inspect.getsource(method)
+
+
+def test_a_removed_image_or_label_leaves_the_listing_at_once(tmp_path):
+    """With auto reload on (the server's default) and the file watcher stopped, so that only the datastore
+    itself can update its index: after remove_label / remove_image returns, neither is listed. Upstream
+    leaves this to the watcher, and under load the suite saw a deleted image still listed."""
+    from lib.monailabel_adapter.datastore_internals import CrashSafeLocalDatastore
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    ph = make_phantom("abdomen", seed=8302)
+    for name in ("a", "b"):
+        nib.save(ph.image, studies / f"{name}.nii.gz")
+    nib.save(ph.labels, tmp_path / "label.nii.gz")
+    store = CrashSafeLocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=True)
+    try:
+        store._observer.stop()
+        store._observer.join(timeout=10)
+        store.save_label("a", str(tmp_path / "label.nii.gz"), "final", {})
+        assert store.get_labels_by_image_id("a") and sorted(store.list_images()) == ["a", "b"]
+        store.remove_label("a", "final")
+        assert not store.get_labels_by_image_id("a")
+        store.remove_image("b")
+        assert store.list_images() == ["a"]
+    finally:
+        if store._observer.is_alive():
+            store._observer.stop()
 
 
 # ======================================================================= size caps (second server)

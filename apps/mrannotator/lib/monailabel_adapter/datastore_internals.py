@@ -14,14 +14,19 @@ or half-written, and the next start refused to run (exit 3) until someone delete
   ``datastore_v2.json.unreadable-<time>`` with a warning, and the index is rebuilt from the image and
   label files (their info fields, e.g. who saved a label, are lost); a missing one is rebuilt too;
 - the folder listing: hidden files (a killed write's temporary file) are never taken for images or
-  labels; those left by a killed server are removed at the next start, under the lock.
+  labels; those left by a killed server are removed at the next start, under the lock;
+- removing an image or a label: upstream refreshes its index only when ``auto_reload`` is off and
+  otherwise leaves it to the file watcher, so for a while after ``DELETE /datastore/image`` answered
+  200 the listing (and ``next_sample``) still offered the deleted image (seen in the suite under load:
+  ``GET /datastore/?output=all`` right after the delete still held it). The index is refreshed before
+  the removal returns.
 
 Fault points (``MRANNOTATOR_DATASTORE_KILL_AT``, lib/faults.py), counted once the datastore is up:
 ``image:start|partial|written|replaced``, ``label:start|partial|written|replaced`` and
 ``index:partial|written|replaced`` (partial: half of the temporary file written).
 
 Private MONAI Label names used here (and nowhere else): ``LocalDatastore._datastore``,
-``_datastore_path``, ``_datastore_config_path``, ``_lock_file``, ``_extensions``, ``_config_ts``,
+``_datastore_path``, ``_datastore_config_path``, ``_auto_reload``, ``_lock_file``, ``_extensions``, ``_config_ts``,
 ``_ignore_event_config``, ``_to_id``, ``_filename``, ``_list_files``, ``_update_datastore_file``,
 ``_init_from_datastore_file``; the models ``LocalDatastoreModel``, ``ImageLabelModel``, ``DataModel``.
 """
@@ -79,6 +84,19 @@ class CrashSafeLocalDatastore(LocalDatastore):
     def label_tags(self, image_id: str) -> list[str]:
         obj = self._datastore.objects.get(image_id)
         return list(obj.labels) if obj else []
+
+    # ------------------------------------------------------------ removals seen at once
+    def remove_image(self, image_id: str) -> None:
+        with self._index_lock:
+            super().remove_image(image_id)
+            if self._auto_reload:  # upstream refreshes only without auto reload
+                self.refresh()
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        with self._index_lock:
+            super().remove_label(label_id, label_tag)
+            if self._auto_reload:
+                self.refresh()
 
     # ------------------------------------------------------------ the index
     def _update_datastore_file(self, lock=True):
