@@ -112,10 +112,6 @@ class MRAnnotatorDatastore(CrashSafeLocalDatastore):
         with self._index_lock:
             return super().datalist(*args, **kwargs)
 
-    def remove_image(self, image_id):
-        with self._index_lock:
-            return super().remove_image(image_id)
-
     def require_image(self, image_id: str) -> str:
         """The image's path; 404 for an id the datastore does not hold."""
         if not self.has_image(image_id):
