@@ -63,9 +63,11 @@ def enough(dices: list[float]) -> bool:
     return len(dices) > 10 and max(dices) >= 0.90
 
 
-def correct_case(seg, refine, image: nib.Nifti1Image, truth: np.ndarray, structures: dict[int, str],
-                 full: bool) -> dict[str, dict]:
-    """Segment once (with probabilities), then click-correct each structure present in ``truth``."""
+def click_runs(seg, refine, image: nib.Nifti1Image, truth: np.ndarray, sids, max_clicks: int, enough=None,
+               without_probability: str = "zeros"):
+    """Segment once (with probabilities), then click-correct each of ``sids`` present in ``truth``, each from
+    the proposal on its own. A structure the served models give no probability for starts from zeros
+    (``without_probability="zeros"``) or is left out (``"skip"``). Returns (segmentation, {sid: ClickRun})."""
     from mrannotator.evaluation.clicks import simulate
     from mrannotator.refine_shape import long_axis_of
 
@@ -74,21 +76,33 @@ def correct_case(seg, refine, image: nib.Nifti1Image, truth: np.ndarray, structu
     data = np.asanyarray(image.dataobj).astype(np.float32)
     spacing = spacing_of(image.affine)
     axis = long_axis_of(image.affine)
-    out = {"segment_seconds": result.seconds}
-    for sid, name in structures.items():
+    runs = {}
+    for sid in sids:
         mask = truth == sid
         if not mask.any():
             continue  # a missing organ: nothing to click for (its false voxels are not scored)
         prob = result.probabilities.get(sid)
         if prob is None:
+            if without_probability == "skip":
+                continue
             prob = np.zeros(start.shape, np.float32)
 
         def run_refine(fg, bg, sid=sid, prob=prob):
             return refine(data, start, prob, sid, foreground=fg, background=bg, spacing=spacing, long_axis=axis)
 
-        run = simulate(run_refine, start, mask, sid, MAX_CLICKS, spacing, None if full else enough)
-        out[name] = {"dices": [round(d, 4) for d in run.dices], "seconds": [round(s, 4) for s in run.seconds],
-                     "clicks": [[*c.point, int(c.foreground)] for c in run.clicks]}
+        runs[sid] = simulate(run_refine, start, mask, sid, max_clicks, spacing, enough)
+    return result, runs
+
+
+def correct_case(seg, refine, image: nib.Nifti1Image, truth: np.ndarray, structures: dict[int, str],
+                 full: bool) -> dict[str, dict]:
+    """Segment once (with probabilities), then click-correct each structure present in ``truth``."""
+    result, runs = click_runs(seg, refine, image, truth, structures, MAX_CLICKS, None if full else enough)
+    out = {"segment_seconds": result.seconds}
+    for sid, run in runs.items():
+        out[structures[sid]] = {"dices": [round(d, 4) for d in run.dices],
+                                "seconds": [round(s, 4) for s in run.seconds],
+                                "clicks": [[*c.point, int(c.foreground)] for c in run.clicks]}
     return out
 
 
@@ -137,9 +151,7 @@ def good_proposals(refine, threads: int, regions=GOOD_REGIONS, seeds=GOOD_SEEDS)
     A click must not make a good structure worse: ``worse_after_5`` counts structures whose Dice after 5 clicks
     is more than 0.005 below their start."""
     from mrannotator.engine import Segmenter
-    from mrannotator.evaluation.clicks import simulate
     from mrannotator.phantoms import make_phantom
-    from mrannotator.refine_shape import long_axis_of
 
     seg = Segmenter(ROOT / "models" / "demo", device="cpu", threads=threads)
     out: dict = {}
@@ -147,20 +159,11 @@ def good_proposals(refine, threads: int, regions=GOOD_REGIONS, seeds=GOOD_SEEDS)
         rows = []
         for seed in seeds:
             ph = make_phantom(region, seed=seed)
-            result = seg.segment(ph.image, probabilities=True)
-            data = np.asanyarray(ph.image.dataobj).astype(np.float32)
-            start, truth = np.asanyarray(result.labels.dataobj), np.asanyarray(ph.labels.dataobj)
-            spacing, axis = spacing_of(ph.image.affine), long_axis_of(ph.image.affine)
-            for sid in sorted(set(np.unique(truth).tolist()) - {0}):
-                prob = result.probabilities.get(sid)
-                if prob is None:
-                    continue
-
-                def run_refine(fg, bg, sid=sid, prob=prob, data=data, start=start, spacing=spacing, axis=axis):
-                    return refine(data, start, prob, sid, foreground=fg, background=bg, spacing=spacing,
-                                  long_axis=axis)
-
-                d = simulate(run_refine, start, truth == sid, sid, GOOD_CLICKS, spacing).dices
+            truth = np.asanyarray(ph.labels.dataobj)
+            sids = sorted(set(np.unique(truth).tolist()) - {0})
+            _, runs = click_runs(seg, refine, ph.image, truth, sids, GOOD_CLICKS, without_probability="skip")
+            for run in runs.values():
+                d = run.dices
                 rows.append(d + [d[-1]] * (GOOD_CLICKS + 1 - len(d)))
         a = np.asarray(rows)
         out[region] = {"n": len(rows), "start_dice_mean": round(float(a[:, 0].mean()), 3),
