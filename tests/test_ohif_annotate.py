@@ -302,7 +302,14 @@ def check_edits(entry: dict, done: dict) -> np.ndarray:
     for uid in changed:
         b, a = before[uid], after[uid]
         painted, erased = (a != b) & (a == done["paint"]), (a != b) & (a == 0)
-        assert not ((a != b) & ~painted & ~erased).any(), "voxels changed to a structure that was not brushed"
+        odd = (a != b) & ~painted & ~erased
+        if odd.any():
+            pairs, counts = np.unique(np.stack([b[odd], a[odd]]), axis=1, return_counts=True)
+            side = "brush" if uid == done["brush"]["uid"] else "eraser"
+            raise AssertionError(
+                f"{int(odd.sum())} voxels on the {side}'s slice changed to a structure that was not brushed (paint "
+                f"{done['paint']}, erase {done['erase']}); before -> after, voxels: "
+                f"{[(int(x), int(y), int(n)) for (x, y), n in zip(pairs.T, counts, strict=True)]}")
         for kind, voxels in (("brush", painted), ("eraser", erased)):
             st = strokes[kind]
             if st["uid"] != uid:
@@ -570,3 +577,55 @@ def test_click_correction_in_the_viewer(setup, case):
     assert all(np.array_equal(stored[u], final[u]) for u in final), "the viewer saved other than the clicks gave"
     ids = {int(k): load_catalogue().get(v).id for k, v in body["segments"].items()}
     check_final(setup, entry, _as_volume(final, datasets, ids))
+
+
+# What OHIF 3.13.2's segment statistics handler does after every edit (setupSegmentationDataModifiedHandler):
+# it holds the segmentation object, awaits the statistics, then writes that object's `segments` back through
+# addOrUpdateSegmentation. HELD keeps the object as the handler does; WRITE_BACK writes it back through the
+# method named (the extension's, or OHIF's own, kept as `.upstream`); PANEL says which segment is picked.
+HELD = """() => {
+    const s = window.services.segmentationService;
+    const viewportId = window.services.viewportGridService.getActiveViewportId();
+    window.__mraHeld = s.getActiveSegmentation(viewportId);
+}"""
+WRITE_BACK = """(which) => {
+    const s = window.services.segmentationService;
+    const held = window.__mraHeld;
+    const write = which === 'upstream' ? s.addOrUpdateSegmentation.upstream : s.addOrUpdateSegmentation;
+    if (!write) throw new Error('the extension did not keep OHIF\\'s addOrUpdateSegmentation as .upstream');
+    write({ segmentationId: held.segmentationId, segments: JSON.parse(JSON.stringify(held.segments)) });
+}"""
+PANEL = """() => {
+    const viewportId = window.services.viewportGridService.getActiveViewportId();
+    return window.services.segmentationService.getActiveSegment(viewportId)?.segmentIndex ?? null;
+}"""
+
+
+def test_a_segment_picked_while_statistics_run_stays_picked(setup):
+    """The annotator erases in one structure, then picks another in the panel while OHIF's statistics of the
+    erase still run: OHIF's own write-back un-picks it (the next brush stroke paints the structure erased:
+    the suite saw the liver painted where the spleen was picked); through the extension it stays picked.
+    Fails when OHIF stops reverting (then keepPanelState in ohif_extension/mrannotator.js can go) or when the
+    extension stops guarding."""
+    entry = setup["series"][MAIN]
+    with browser_support.open_page() as page:
+        _open_series(page, setup, entry)
+        with page.expect_response(lambda r: "/annotate/infer" in r.url, timeout=300_000) as infer:
+            page.locator("[data-cy=MRARunModel-btn]").click()
+        _wait_toast(page, "Model proposal", "Run model failed", 60_000)
+        names = {s["value"]: s["name"] for s in infer.value.json()["segments"]}
+        first, second = sorted(names)[:2]
+        time.sleep(2)
+        outcome = {}
+        for which in ("upstream", "extension"):
+            _pick_segment(page, names[first])  # the structure just edited
+            page.evaluate(HELD)  # the statistics handler takes the segmentation
+            _pick_segment(page, names[second])  # the annotator picks the next structure, with the mouse
+            assert page.evaluate(PANEL) == second
+            page.evaluate(WRITE_BACK, which)  # the statistics arrive
+            time.sleep(0.5)
+            selected = page.locator("[data-cy=data-row]").filter(has=page.get_by_text(names[second], exact=True))
+            outcome[which] = (page.evaluate(PANEL), "bg-popover" in (selected.first.get_attribute("class") or ""))
+    print(f"picked {second} after {first}; after the statistics' write-back: {outcome}")
+    assert outcome["upstream"] == (first, False), f"OHIF no longer reverts the pick: {outcome['upstream']}"
+    assert outcome["extension"] == (second, True), f"the pick was undone through the extension: {outcome}"

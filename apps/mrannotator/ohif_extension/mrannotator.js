@@ -3,9 +3,12 @@
  *
  * Plain JavaScript, loaded at run time by app-config.js (written by lib/monailabel_adapter/ohif_viewer.py):
  * no OHIF rebuild. It adds
- *   - an extension `mrannotator` with three commands (mraNextStudy, mraRunModel, mraSaveLabel), and
+ *   - an extension `mrannotator` with five commands (mraNextStudy, mraRunModel, mraAddPoint, mraRemovePoint,
+ *     mraSaveLabel), and
  *   - a mode `mrannotator` (route /viewer/mrannotator): OHIF's segmentation mode (segmentation panel, brush,
- *     eraser, segment add / rename / delete) plus three toolbar buttons: Next study, Run model, Save label.
+ *     eraser, segment add / rename / delete) plus five toolbar buttons: Next study, Run model, Add point,
+ *     Remove point, Save label; on entering it, OHIF's statistics handler is kept from undoing a segment
+ *     picked in the panel (keepPanelState, below).
  * The server's side is lib/monailabel_adapter/annotate.py. Labels travel as one frame per SOPInstanceUID,
  * in the instance's own pixel order (what cornerstone's labelmap images hold); the server maps instance
  * UIDs to its image grid with the project's DICOM reader, so nothing here knows slice order or orientation.
@@ -321,7 +324,40 @@ function toolbarButtons() {
   }));
 }
 
-/** The mode: OHIF's segmentation mode with the three buttons appended to the primary toolbar. */
+/**
+ * Which segment is picked, locked and named is set by the panel's own calls; an update of an existing
+ * segmentation through segmentationService.addOrUpdateSegmentation keeps them as they are now.
+ *
+ * Why (OHIF 3.13.2, measured): after every edit, OHIF's segment statistics handler
+ * (setupSegmentationDataModifiedHandler, debounced 1 s) takes the segmentation object, awaits the statistics
+ * and writes that object's whole `segments` back through addOrUpdateSegmentation. cornerstone replaces its
+ * segmentation state on every update (a panel click calls setActiveSegmentation, which does), so a segment
+ * picked while the statistics run was written back as not picked and the one edited before as picked: the
+ * next brush stroke painted the structure erased a moment earlier (tests/test_ohif_workflow.py, 2 of 4 runs
+ * under load, the liver painted where the annotator had picked the spleen). A rename or a lock made in that
+ * window was reverted the same way. The upstream method stays reachable as `.upstream` (the test that pins
+ * its behaviour: tests/test_ohif_annotate.py::test_a_segment_picked_while_statistics_run_stays_picked).
+ */
+function keepPanelState(segmentationService) {
+  if (segmentationService.addOrUpdateSegmentation.upstream) return;
+  const upstream = segmentationService.addOrUpdateSegmentation.bind(segmentationService);
+  const guarded = data => {
+    const now = data?.segments && segmentationService.getSegmentation(data.segmentationId);
+    if (!now) return upstream(data);
+    const segments = {};
+    for (const [index, segment] of Object.entries(data.segments)) {
+      const current = now.segments?.[index];
+      segments[index] = segment && current
+        ? { ...segment, active: Boolean(current.active), locked: Boolean(current.locked), label: current.label }
+        : segment;
+    }
+    return upstream({ ...data, segments });
+  };
+  guarded.upstream = upstream;
+  segmentationService.addOrUpdateSegmentation = guarded;
+}
+
+/** The mode: OHIF's segmentation mode with the five buttons appended to the primary toolbar. */
 function deriveMode(segmentationMode) {
   const base = segmentationMode.modeInstance;
   const modeInstance = {
@@ -331,7 +367,8 @@ function deriveMode(segmentationMode) {
     displayName: 'MRAnnotator',
     onModeEnter(ctx) {
       base.onModeEnter.call(this, ctx);
-      const { toolbarService } = ctx.servicesManager.services;
+      const { toolbarService, segmentationService } = ctx.servicesManager.services;
+      keepPanelState(segmentationService);
       toolbarService.register(toolbarButtons());
       toolbarService.updateSection('primary', BUTTONS.map(b => b.id));
     },
