@@ -206,13 +206,18 @@ def _open_series(page, setup, entry: dict) -> None:
     _wait_viewport(page)
 
 
+def _segment_row(page, name: str):
+    """The segmentation panel's row of segment ``name``."""
+    return page.locator("[data-cy=data-row]").filter(has=page.get_by_text(name, exact=True)).first
+
+
 def _pick_segment(page, name: str) -> int:
     """Click the segment's row in the panel until OHIF shows it selected (its row turns ``bg-popover``; a click
     that lands while the panel re-renders after a stroke is lost), then wait until the viewport's instance
     number stops changing (OHIF jumps to the segment's slice). Returns that instance number."""
     from playwright.sync_api import expect
 
-    row = page.locator("[data-cy=data-row]").filter(has=page.get_by_text(name, exact=True)).first
+    row = _segment_row(page, name)
     for _ in range(5):
         row.get_by_text(name, exact=True).click()
         try:
@@ -624,8 +629,9 @@ def test_a_segment_picked_while_statistics_run_stays_picked(setup):
             assert page.evaluate(PANEL) == second
             page.evaluate(WRITE_BACK, which)  # the statistics arrive
             time.sleep(0.5)
-            selected = page.locator("[data-cy=data-row]").filter(has=page.get_by_text(names[second], exact=True))
-            outcome[which] = (page.evaluate(PANEL), "bg-popover" in (selected.first.get_attribute("class") or ""))
+            _shot(page, f"statistics-after-{which}-write-back.png", False)  # which row the panel shows picked
+            row_class = _segment_row(page, names[second]).get_attribute("class") or ""
+            outcome[which] = (page.evaluate(PANEL), "bg-popover" in row_class)
     print(f"picked {second} after {first}; after the statistics' write-back: {outcome}")
     assert outcome["upstream"] == (first, False), f"OHIF no longer reverts the pick: {outcome['upstream']}"
     assert outcome["extension"] == (second, True), f"the pick was undone through the extension: {outcome}"

@@ -333,8 +333,8 @@ function toolbarButtons() {
  * and writes that object's whole `segments` back through addOrUpdateSegmentation. cornerstone replaces its
  * segmentation state on every update (a panel click calls setActiveSegmentation, which does), so a segment
  * picked while the statistics run was written back as not picked and the one edited before as picked: the
- * next brush stroke painted the structure erased a moment earlier (tests/test_ohif_workflow.py, 2 of 4 runs
- * under load, the liver painted where the annotator had picked the spleen). A rename or a lock made in that
+ * next brush stroke painted the structure erased a moment earlier (tests/test_ohif_workflow.py in CI and in 1
+ * of 3 local runs: the liver painted where the annotator had picked the spleen). A rename or a lock made in that
  * window was reverted the same way. The upstream method stays reachable as `.upstream` (the test that pins
  * its behaviour: tests/test_ohif_annotate.py::test_a_segment_picked_while_statistics_run_stays_picked).
  */
